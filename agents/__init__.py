@@ -1,0 +1,1 @@
+"""Agents for DeepRec-v0: the bundled LLM policy, baselines and trainers."""

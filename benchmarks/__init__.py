@@ -1,0 +1,1 @@
+"""Benchmarks and the main job; run from the repository root."""
