@@ -16,3 +16,46 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_ds():
     return synthetic(n_users=60, n_items=40, seed=0)
+
+
+def build_tiny_encoder(folder):
+    """A randomly initialised 2-layer BERT with a word-level tokenizer, saved like any local model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words += sorted({w.lower() for t in synthetic(60, 40, seed=0).catalog.texts for w in t.replace(".", " ").split()})
+    words += "comedy drama action horror romance thriller light dark funny sad old new movies".split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    fast.save_pretrained(folder)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_path(tmp_path_factory):
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_encoder_path):
+    from deeprec_env.embed import TextEncoder
+
+    return TextEncoder(tiny_encoder_path)

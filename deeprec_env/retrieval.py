@@ -1,0 +1,136 @@
+"""Batched preference-aware retrieval: encode preferences, fuse with histories in the TRM, search faiss.
+
+>>> # retriever = Retriever.for_dataset(load_dataset("ml-100k"))
+>>> # ids, scores = retriever.retrieve([history], ["light comedies; 1990s"], k=20)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from deeprec_env.index import IndexConfig, ItemIndex
+from deeprec_env.trm import PreferenceTRM, TRMConfig
+
+
+class Retriever:
+    """The TRM, its text encoder and a faiss index over its item vectors, queried in batches.
+
+    Args:
+        trm: a trained :class:`~deeprec_env.trm.PreferenceTRM`.
+        encoder: the :class:`~deeprec_env.embed.TextEncoder` the TRM was trained with (needed only for
+            non-empty preferences; None makes every preference count as empty).
+        index_config: faiss index settings.
+        index: a prebuilt index to search instead of one over the TRM's item vectors (e.g. a larger
+            catalogue for benchmarking); ``index_config`` is then ignored.
+    """
+
+    def __init__(
+        self,
+        trm: PreferenceTRM,
+        encoder=None,
+        index_config: IndexConfig = IndexConfig(),
+        *,
+        index: ItemIndex | None = None,
+    ) -> None:
+        self.trm = trm.eval()
+        self.encoder = encoder
+        if encoder is not None and encoder.dim != trm.text_dim:
+            raise ValueError(f"encoder dim {encoder.dim} != TRM text dim {trm.text_dim}; use the TRM's encoder")
+        if index is None:
+            with torch.inference_mode():
+                index = ItemIndex(trm.item_vectors().float().cpu().numpy(), index_config)
+        elif index.dim != trm.config.d_model:
+            raise ValueError(f"index dim {index.dim} != TRM d_model {trm.config.d_model}")
+        self.index = index
+        self.device = next(trm.parameters()).device
+        self.max_len = trm.config.max_len
+
+    @classmethod
+    def for_dataset(
+        cls,
+        dataset,
+        trm_config: TRMConfig = TRMConfig(),
+        encoder=None,
+        index_config: IndexConfig = IndexConfig(),
+        *,
+        checkpoint: str | None = None,
+        progress: bool = True,
+    ) -> Retriever:
+        """The retriever for ``dataset``: loads ``checkpoint`` or the cached TRM (training it once)."""
+        from deeprec_env.embed import TextEncoder
+        from deeprec_env.trm import load_or_train_trm, load_trm
+
+        encoder = encoder or TextEncoder(device=trm_config.device)
+        if checkpoint is not None:
+            trm = load_trm(checkpoint, dataset, device=trm_config.device)
+        else:
+            trm = load_or_train_trm(dataset, trm_config, encoder, progress=progress)
+        return cls(trm, encoder, index_config)
+
+    def _pad(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.zeros((len(histories), self.max_len), dtype=np.int64)
+        for r, h in enumerate(histories):
+            h = np.asarray(h, dtype=np.int64)[-self.max_len :]
+            if len(h):
+                out[r, self.max_len - len(h) :] = h
+        n = self.trm.num_embeddings - 1
+        if out.max(initial=0) > n or out.min(initial=0) < 0:
+            raise ValueError(f"history item ids must be in 1..{n}")
+        return out
+
+    def user_vectors(self, histories: Sequence[np.ndarray], preferences: Sequence[str] | None = None) -> np.ndarray:
+        """``(B, d)`` float32 query vectors; distinct non-empty preferences are encoded in one batch."""
+        if preferences is not None and len(preferences) != len(histories):
+            raise ValueError(f"{len(preferences)} preferences for {len(histories)} histories")
+        seqs = torch.as_tensor(self._pad(histories), device=self.device)
+        pref = has = None
+        if preferences is not None and self.encoder is not None:
+            clean = [" ".join(p.split()) if isinstance(p, str) else _type_error(p) for p in preferences]
+            distinct = sorted({p for p in clean if p})
+            if distinct:
+                table = self.encoder.encode(distinct)
+                row = {p: i for i, p in enumerate(distinct)}
+                vecs = np.zeros((len(clean), table.shape[1]), dtype=np.float32)
+                for r, p in enumerate(clean):
+                    if p:
+                        vecs[r] = table[row[p]]
+                pref = torch.as_tensor(vecs, device=self.device)
+                has = torch.as_tensor([bool(p) for p in clean], device=self.device)
+        with torch.inference_mode():
+            return self.trm.user_vectors(seqs, pref, has).float().cpu().numpy()
+
+    def retrieve(
+        self,
+        histories: Sequence[np.ndarray],
+        preferences: Sequence[str] | None = None,
+        k: int = 20,
+        *,
+        exclude: Sequence[Sequence[int]] | None = None,
+        exclude_history: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item ids and scores ``(B, k)`` for each (history, preference) pair.
+
+        Args:
+            histories: item-id arrays, oldest first (the TRM reads the last ``max_len``).
+            preferences: free-text preferences; "" (or None for all) means no preference.
+            k: items per query.
+            exclude: per query, items not to return (e.g. already retrieved in the episode).
+            exclude_history: also exclude each query's whole history.
+        """
+        q = self.user_vectors(histories, preferences)
+        if exclude_history or exclude is not None:
+            rows = []
+            for r in range(len(histories)):
+                ex = list(exclude[r]) if exclude is not None else []
+                if exclude_history:
+                    ex.extend(int(i) for i in histories[r])
+                rows.append(np.unique(np.asarray(ex, dtype=np.int64)))
+            return self.index.search(q, k, rows)
+        return self.index.search(q, k)
+
+
+def _type_error(p) -> str:
+    raise TypeError(f"preferences must be str, got {type(p).__name__}")

@@ -1,0 +1,22 @@
+import json
+
+
+def test_trm_quality_smoke(tmp_path, tiny_encoder_path, capsys):
+    from benchmarks import trm_quality
+
+    trm_quality.main(["--smoke", "--encoder", str(tiny_encoder_path), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Protocol:" in out and "full ranking" in out and "PreferenceTRM" in out
+    data = json.loads((tmp_path / "trm_quality_smoke.json").read_text())
+    assert {r["model"] for r in data["rows"]} == {"popularity", "SASRec (ID only)", "PreferenceTRM"}
+    assert data["protocol"]["history items"] == "not masked"
+
+
+def test_retrieval_speed_smoke(tmp_path, tiny_encoder_path, capsys):
+    from benchmarks import retrieval_speed
+
+    retrieval_speed.main(["--smoke", "--encoder", str(tiny_encoder_path), "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "retrieval_speed_smoke.json").read_text())
+    assert len(data["rows"]) == 3
+    assert all(r["p50_ms (batch 1)"] > 0 for r in data["rows"])
+    assert 0.0 <= data["rows"][2]["recall@20 vs exact"] <= 1.0

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from deeprec_env.data import cache_dir
+from deeprec_env.embed import TextEncoder, item_text_embeddings
+
+
+def test_unit_norm_and_order(tiny_encoder):
+    texts = ["drama", "a funny comedy movie", "dark horror", "old romance"]
+    emb = tiny_encoder.encode(texts)
+    assert emb.shape == (4, tiny_encoder.dim) and emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    for i, t in enumerate(texts):
+        assert np.allclose(tiny_encoder.encode([t])[0], emb[i], atol=1e-5)
+
+
+def test_type_errors(tiny_encoder):
+    with pytest.raises(TypeError, match="sequence of str"):
+        tiny_encoder.encode("drama")
+    with pytest.raises(TypeError, match="must be str"):
+        tiny_encoder.encode(["drama", 3])
+
+
+def test_item_embeddings_cached(tiny_ds, tiny_encoder):
+    a = item_text_embeddings(tiny_ds.catalog, tiny_encoder)
+    assert a.shape == (tiny_ds.catalog.num_embeddings, tiny_encoder.dim)
+    assert np.all(a[0] == 0)
+    files = list((cache_dir() / "embeddings").glob("*.npy"))
+    assert len(files) == 1
+    b = item_text_embeddings(tiny_ds.catalog, tiny_encoder)
+    assert np.array_equal(a, b)
+
+
+def test_missing_model_path_is_clear(tmp_path):
+    with pytest.raises(OSError):
+        TextEncoder(tmp_path / "no-such-model")
+
+
+@pytest.mark.slow
+def test_embedded_minilm_matches_sentence_transformers():
+    enc = TextEncoder()
+    v = enc.encode(["A man is eating food.", "A man is eating a piece of bread."])
+    assert enc.dim == 384
+    # sentence-transformers/all-MiniLM-L6-v2 gives 0.7553 for this pair
+    assert abs(float(v[0] @ v[1]) - 0.7553) < 2e-3

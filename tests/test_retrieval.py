@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from deeprec_env.index import IndexConfig, ItemIndex
+from deeprec_env.retrieval import Retriever
+from deeprec_env.trm import TRMConfig, train_trm
+
+TINY = TRMConfig(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_ds, tiny_encoder):
+    trm, _ = train_trm(tiny_ds, TINY, tiny_encoder, progress=False)
+    return Retriever(trm, tiny_encoder)
+
+
+def histories(ds, n=6):
+    sp = ds.split("test")
+    return [sp.history(i) for i in range(n)]
+
+
+def test_batch_equals_single(retriever, tiny_ds):
+    hs = histories(tiny_ds)
+    prefs = ["drama", "", "comedy; action", "drama", "  ", "horror"]
+    ids, scores = retriever.retrieve(hs, prefs, k=10)
+    assert ids.shape == scores.shape == (6, 10)
+    for i in range(6):
+        one, s1 = retriever.retrieve([hs[i]], [prefs[i]], k=10)
+        assert np.array_equal(one[0], ids[i])
+        assert np.allclose(s1[0], scores[i], atol=1e-5)
+
+
+def test_empty_preference_means_none(retriever, tiny_ds):
+    hs = histories(tiny_ds, 3)
+    a, _ = retriever.retrieve(hs, ["", " ", "\n"], k=10)
+    b, _ = retriever.retrieve(hs, None, k=10)
+    assert np.array_equal(a, b)
+    c, _ = retriever.retrieve(hs, ["drama"] * 3, k=10)
+    assert not np.array_equal(a, c)
+
+
+def test_exclusions(retriever, tiny_ds):
+    hs = histories(tiny_ds, 3)
+    ids, _ = retriever.retrieve(hs, None, k=10, exclude_history=True)
+    for h, row in zip(hs, ids, strict=True):
+        assert not set(row.tolist()) & set(h.tolist())
+    first, _ = retriever.retrieve(hs, None, k=5)
+    second, _ = retriever.retrieve(hs, None, k=5, exclude=[r.tolist() for r in first])
+    for a, b in zip(first, second, strict=True):
+        assert not set(a.tolist()) & set(b.tolist())
+
+
+def test_approximate_index_option(retriever, tiny_ds, tiny_encoder):
+    hnsw = Retriever(retriever.trm, tiny_encoder, IndexConfig(kind="hnsw"))
+    a, _ = retriever.retrieve(histories(tiny_ds), None, k=5)
+    b, _ = hnsw.retrieve(histories(tiny_ds), None, k=5)
+    assert np.mean([len(set(x) & set(y)) / 5 for x, y in zip(a, b, strict=True)]) > 0.9
+
+
+def test_bad_input(retriever, tiny_ds):
+    hs = histories(tiny_ds, 2)
+    with pytest.raises(TypeError, match="preferences must be str"):
+        retriever.retrieve(hs, ["drama", 3])
+    with pytest.raises(ValueError, match="1 preferences for 2 histories"):
+        retriever.retrieve(hs, ["drama"])
+    with pytest.raises(ValueError, match="history item ids must be in"):
+        retriever.retrieve([np.array([10_000])], None)
+    with pytest.raises(ValueError, match="index dim"):
+        Retriever(retriever.trm, None, index=ItemIndex(np.ones((4, 3), np.float32)))
+
+
+def test_deterministic(tiny_ds, tiny_encoder):
+    a = Retriever(train_trm(tiny_ds, TINY, tiny_encoder, progress=False)[0], tiny_encoder)
+    b = Retriever(train_trm(tiny_ds, TINY, tiny_encoder, progress=False)[0], tiny_encoder)
+    hs = histories(tiny_ds)
+    assert np.array_equal(a.retrieve(hs, ["drama"] * 6)[0], b.retrieve(hs, ["drama"] * 6)[0])
