@@ -75,8 +75,9 @@ class TRMConfig:
     """Upper bound on epochs (about 4 s each on ml-100k on a 2-core CPU)."""
     patience: int = 8
     """Stop after this many evaluations without a better validation NDCG@10."""
-    max_seconds: float = 170.0
-    """Wall-clock budget for training (the best checkpoint so far is kept)."""
+    max_seconds: float | None = None
+    """Optional wall-clock budget (the best checkpoint so far is kept). A time budget makes the result
+    depend on machine speed and load, so it is off by default: epochs and patience are deterministic."""
     seed: int = 0
     """Seed of initialisation, window shifts, preference sampling and dropout."""
     device: str = "cpu"
