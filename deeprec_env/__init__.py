@@ -1,3 +1,25 @@
-"""deeprec-env: a Gymnasium environment for LLM-based recommendation (DeepRec, arXiv 2505.16810)."""
+"""deeprec-env: a Gymnasium environment for LLM-based recommendation (DeepRec, arXiv 2505.16810).
+
+Importing the package registers ``DeepRec-v0`` (stage ``rec``) and ``DeepRecColdStart-v0``
+(stage ``coldstart``).
+"""
+
+from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
+
+ENV_IDS = ("DeepRec-v0", "DeepRecColdStart-v0")
+
+if "DeepRec-v0" not in registry:
+    register(
+        id="DeepRec-v0",
+        entry_point="deeprec_env.env:DeepRecEnv",
+        vector_entry_point="deeprec_env.vector:DeepRecVectorEnv",
+        kwargs={"stage": "rec"},
+    )
+    register(
+        id="DeepRecColdStart-v0",
+        entry_point="deeprec_env.env:DeepRecEnv",
+        vector_entry_point="deeprec_env.vector:DeepRecVectorEnv",
+        kwargs={"stage": "coldstart"},
+    )

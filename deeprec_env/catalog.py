@@ -25,7 +25,7 @@ _NON_WORD = re.compile(r"[^0-9a-z]+")
 def clean_text(text: str) -> str:
     r"""Unescape HTML entities, normalise Unicode (NFC) and collapse white space.
 
-    >>> clean_text("  Tom &amp; Jerry\\n ")
+    >>> clean_text("  Tom &amp; Jerry\n ")
     'Tom & Jerry'
     """
     text = unicodedata.normalize("NFC", html.unescape(text))

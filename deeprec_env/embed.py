@@ -86,7 +86,8 @@ class TextEncoder:
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         """Embed ``texts`` in batches; returns a float32 ``(len(texts), dim)`` array of unit rows.
 
-        Texts are sorted by length before batching (less padding) and returned in input order.
+        Recently seen texts (short queries such as preferences) come from an LRU cache; the rest are
+        sorted by length before batching (less padding) and returned in input order.
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a sequence of str; wrap a single text in a list")
@@ -94,33 +95,41 @@ class TextEncoder:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"texts must be str, got {type(t).__name__}")
-        if len(texts) == 1 and self._cache_size:
-            return self.encode_one(texts[0])[None]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        starts = range(0, len(texts), self.batch_size)
+        todo = []
+        for i, t in enumerate(texts):
+            hit = self._cache.get(t) if self._cache_size else None
+            if hit is None:
+                todo.append(i)
+            else:
+                self._cache.move_to_end(t)
+                out[i] = hit
+        if not todo:
+            return out
+        order = [todo[j] for j in np.argsort([len(texts[i]) for i in todo], kind="stable")]
+        starts = range(0, len(order), self.batch_size)
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"encoding {len(texts)} texts", unit="batch")
+            starts = tqdm(starts, desc=f"encoding {len(order)} texts", unit="batch")
         for s in starts:
             idx = order[s : s + self.batch_size]
             out[idx] = self._forward([texts[i] for i in idx])
+        if self._cache_size and len(todo) <= self._cache_size // 4:  # bulk item encodes bypass the cache
+            for i in todo:
+                self._remember(texts[i], out[i].copy())
         return out
 
-    def encode_one(self, text: str) -> np.ndarray:
-        """Embed one text, through the LRU cache."""
-        hit = self._cache.get(text)
-        if hit is not None:
-            self._cache.move_to_end(text)
-            return hit
-        vec = self._forward([text])[0]
+    def _remember(self, text: str, vec: np.ndarray) -> None:
         vec.flags.writeable = False
-        if self._cache_size:
-            self._cache[text] = vec
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return vec
+        self._cache[text] = vec
+        self._cache.move_to_end(text)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def encode_one(self, text: str) -> np.ndarray:
+        """Embed one text (through the LRU cache); returns a read-only ``(dim,)`` vector."""
+        return self.encode([text])[0]
 
 
 def item_text_embeddings(catalog, encoder: TextEncoder, *, cache: bool = True) -> np.ndarray:

@@ -59,3 +59,41 @@ def tiny_encoder(tiny_encoder_path):
     from deeprec_env.embed import TextEncoder
 
     return TextEncoder(tiny_encoder_path)
+
+
+TINY_TRM = dict(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=3, batch_size=32, lr=5e-3)
+
+
+@pytest.fixture(scope="session")
+def env_kwargs(tiny_encoder_path):
+    """Keyword arguments for a fast DeepRec env on synthetic data with a tiny encoder and TRM."""
+    from deeprec_env.trm import TRMConfig
+
+    return dict(dataset="synthetic", encoder=str(tiny_encoder_path), trm=TRMConfig(**TINY_TRM))
+
+
+@pytest.fixture(scope="session")
+def resources(env_kwargs, tmp_path_factory):
+    import os
+
+    from deeprec_env.env import EnvConfig, get_resources
+
+    old = os.environ.get("DEEPREC_CACHE")
+    os.environ["DEEPREC_CACHE"] = str(tmp_path_factory.mktemp("res_cache"))
+    try:
+        return get_resources(EnvConfig(**env_kwargs), progress=False)
+    finally:
+        if old is None:
+            del os.environ["DEEPREC_CACHE"]
+        else:
+            os.environ["DEEPREC_CACHE"] = old
+
+
+@pytest.fixture
+def make_env(env_kwargs, resources):
+    from deeprec_env.env import DeepRecEnv
+
+    def make(**overrides):
+        return DeepRecEnv(resources=resources, **{**env_kwargs, **overrides})
+
+    return make

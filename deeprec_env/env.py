@@ -1,0 +1,462 @@
+r"""DeepRec-v0: an LLM explores the item space through a preference-aware recommender, then ranks 10 items.
+
+## Description
+
+One episode is one user with one held-out target item (DESIGN.md section 1). The prompt shows the
+user's history as numbered titles with their categories. Each ``step`` consumes one text segment of
+the policy. A segment that ends in a TRM call ``<|begin_of_preference|> phrases <|end_of_preference|>``
+gets the top-20 items that the TRM retrieves for (history, preference) back as the next observation;
+a segment that holds ``</think>`` and ``<recommendation_list> 1. ... 10. </recommendation_list>`` ends
+the episode with the outcome reward.
+
+## Action Space
+
+``gymnasium.spaces.Text``: one generated segment (any ``str`` is accepted; characters outside the
+charset are fine; a non-``str`` raises ``TypeError``). Segments longer than
+``protocol.max_segment_chars`` are invalid actions.
+
+## Observation Space
+
+``gymnasium.spaces.Text`` whose charset covers printable ASCII, the protocol and every character of
+the catalogue. ``reset`` returns the prompt; a call returns the inserted item list
+(``<|begin_of_item_list|>\n1. Title\n  - categories: a, b\n...<|end_of_item_list|>\n\n``); with
+``invalid_action="feedback"`` an invalid segment returns a corrective message; the last step returns "".
+
+## Rewards
+
+Every component is returned unweighted in ``info["reward_components"]``; the step reward is
+``sum(weights[c] * components[c])``. Stage ``rec`` weighs format + hit + rank + point, stage
+``coldstart`` format + invocation + diversity (``deeprec_env.rewards.STAGES``).
+
+| component | stage | range | when |
+|---|---|---|---|
+| format | both | {0, -1} | episode end: -1 if any whole-response check fails; feedback mode: each rejected segment |
+| invocation | coldstart | {0, 0.5, 1} | episode end; n = min(calls, 3), 0.5 * (n - 1) if n > 1 |
+| diversity | coldstart | [0, 0.4] | episode end; 0.2 * (1 - mean pairwise cosine of the preferences) |
+| retrieval_hit | off | [0, 1] | the call whose list first holds the target, at rank r: 1 / log2(r + 2) |
+| hit | rec | {0, 1} | episode end, format = 0, an answer line names the target |
+| rank | rec | [0, 2] | episode end, format = 0, 0.2 * (10 - i) for the first line i naming the target |
+| point | rec | [-10, 10] | episode end, format = 0, 10 * weighted mean similarity of answer and target |
+
+## Starting State
+
+A user of the chosen split: drawn with ``self.np_random``, or ``options={"user": u}`` (a dataset user
+index) or ``options={"example": j}`` (an index into the split). The same options give the same episode,
+so a trainer can sample a group of responses for one user.
+
+## Episode End
+
+- *Termination*: a valid answer segment.
+- *Termination*: an invalid segment when ``invalid_action="end"`` (the reference behaviour).
+- *Truncation*: a call when the budget (``max_calls``, 8) is spent: the 9th segment must answer.
+- *Truncation*: more than ``max_invalid`` rejected segments when ``invalid_action="feedback"``.
+
+## Arguments
+
+``gym.make("DeepRec-v0", **kwargs)`` with any field of :class:`EnvConfig` (dataset, split, stage,
+reward_weights, prompt, retrieval_k, max_calls, answer_k, dedup_retrieved, mask_history,
+invalid_action, match, protocol, trm, trm_checkpoint, encoder, index, ...), plus ``render_mode="ansi"``.
+``DeepRecColdStart-v0`` is the same environment with ``stage="coldstart"``.
+
+## Info
+
+reset: ``user``, ``user_id``, ``history`` (ids shown), ``split``, ``stage``, ``messages`` (chat prompt).
+step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components``, ``n_calls``, and after
+a call ``retrieved`` (ids) and ``preference``. At the end also ``target``, ``answer_ids``, ``rank``,
+``metrics`` (recall@1/5/10, ndcg@5/10; a failed or malformed episode is a miss), ``hallucinated``,
+``seen``, ``duplicates`` and ``format_errors``.
+
+## Version History
+
+- v0: first release.
+
+>>> import gymnasium as gym, deeprec_env
+>>> env = gym.make("DeepRec-v0")  # doctest: +SKIP
+>>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from deeprec_env.data import PreprocessConfig, RecDataset, load_dataset, synthetic
+from deeprec_env.index import IndexConfig
+from deeprec_env.metrics import MISS, rank_in_list, rank_metrics
+from deeprec_env.protocol import (
+    Action,
+    Episode,
+    ProtocolConfig,
+    base_prompt,
+    chat_user_message,
+    check_format,
+    item_lines,
+    item_list_text,
+    parse,
+    strip_title_line,
+)
+from deeprec_env.rewards import (
+    COMPONENTS,
+    diversity_reward,
+    format_reward,
+    hit_reward,
+    invocation_reward,
+    point_reward,
+    rank_reward,
+    retrieval_hit_reward,
+    stage_weights,
+)
+from deeprec_env.trm import TRMConfig
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Every option of :class:`DeepRecEnv`; defaults are the reference's on the embedded ml-100k."""
+
+    dataset: str = "ml-100k"
+    """Dataset name for :func:`~deeprec_env.data.load_dataset` (ml-100k, ml-1m, amazon, atomic, synthetic)."""
+    dataset_path: str | None = None
+    """File or folder of the dataset (all but ml-100k and synthetic)."""
+    metadata_path: str | None = None
+    """Item metadata file (amazon) or .item file (atomic)."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Filtering, split and history-window settings."""
+    split: Literal["train", "valid", "test"] = "test"
+    """Which leave-one-out split the episodes come from."""
+    users: int | None = None
+    """Use only this many examples of the split (the first of a permutation seeded by ``users_seed``)."""
+    users_seed: int = 0
+    """Seed of the permutation that picks ``users``."""
+    stage: Literal["rec", "coldstart"] = "rec"
+    """Reward stage: ``rec`` (format, hit, rank, point) or ``coldstart`` (format, invocation, diversity)."""
+    reward_weights: dict[str, float] | None = None
+    """Explicit weights per component (overrides ``stage``); missing components weigh 0."""
+    prompt: Literal["base", "chat"] = "base"
+    """``base``: the reference's base-model prompt ending in ``<think>``; ``chat``: a user message for a
+    chat template (also in ``info["messages"]``; the policy appends ``<think>\\n`` after the template)."""
+    prompt_history: int = 20
+    """Most recent history items shown in the prompt."""
+    retrieval_k: int = 20
+    """Items returned per call."""
+    max_calls: int = 8
+    """Call budget; the segment after the last allowed call must answer."""
+    answer_k: int = 10
+    """Lines the answer must have (K)."""
+    dedup_retrieved: bool = False
+    """Never return an item already retrieved in this episode (the reference does not de-duplicate)."""
+    mask_history: bool = False
+    """Never retrieve the user's history items (the reference does not mask them)."""
+    invalid_action: Literal["end", "feedback"] = "end"
+    """``end``: an invalid segment ends the episode (reference). ``feedback``: it is rejected with a
+    corrective message and ``format = -1`` for that step, and the episode goes on."""
+    max_invalid: int = 3
+    """In feedback mode, the episode is truncated after this many rejected segments."""
+    match: Literal["grounded", "substring"] = "grounded"
+    """How answer lines name the target: grounded to catalogue ids (ours) or the reference's
+    "target title is a substring of the line"."""
+    fuzzy_cutoff: float = 0.9
+    """Minimum difflib ratio for fuzzy title grounding (> 1 disables fuzzy matching)."""
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    """Tags and format rules."""
+    trm: TRMConfig = field(default_factory=TRMConfig)
+    """TRM settings (a cached TRM is trained on first use, about 2.5 min on ml-100k on a 2-core CPU)."""
+    trm_checkpoint: str | None = None
+    """Load this TRM checkpoint instead of the cached one."""
+    encoder: str = "minilm"
+    """Text encoder for items and preferences: ``minilm`` (embedded), a local path or a hub id."""
+    index: IndexConfig = field(default_factory=IndexConfig)
+    """faiss index settings."""
+    max_obs_chars: int = 1_000_000
+    """Observation-space length bound."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_history", "retrieval_k", "max_calls", "answer_k", "max_invalid"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        if self.users is not None and self.users < 1:
+            raise ValueError(f"users={self.users}; must be >= 1 or None")
+        for name, allowed in (
+            ("split", ("train", "valid", "test")),
+            ("prompt", ("base", "chat")),
+            ("invalid_action", ("end", "feedback")),
+            ("match", ("grounded", "substring")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; must be one of {allowed}")
+        stage_weights(self.stage, self.reward_weights)  # validates both
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Weight of every reward component."""
+        return stage_weights(self.stage, self.reward_weights)
+
+
+class Resources:
+    """What every environment on one dataset shares: the dataset, the retriever and embeddings."""
+
+    def __init__(self, dataset: RecDataset, retriever, text_emb: np.ndarray) -> None:
+        import torch
+
+        self.dataset = dataset
+        self.retriever = retriever
+        self.encoder = retriever.encoder
+        norms = np.linalg.norm(text_emb, axis=1, keepdims=True)
+        self.text_emb = np.where(norms > 0, text_emb / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+        with torch.inference_mode():
+            v = torch.nn.functional.normalize(retriever.trm.item_emb.weight.float(), dim=-1)
+        self.item_vecs = v.cpu().numpy()
+
+
+_RESOURCES: dict[tuple, Resources] = {}
+
+
+def get_resources(config: EnvConfig, *, progress: bool = True) -> Resources:
+    """The shared :class:`Resources` for ``config``, built once per process (the TRM is cached on disk)."""
+    key = (
+        config.dataset,
+        config.dataset_path,
+        config.metadata_path,
+        config.preprocess,
+        config.trm,
+        config.trm_checkpoint,
+        config.encoder,
+        config.index,
+    )
+    if key not in _RESOURCES:
+        from deeprec_env.embed import TextEncoder, item_text_embeddings
+        from deeprec_env.retrieval import Retriever
+
+        if config.dataset == "synthetic":
+            ds = synthetic(config=config.preprocess if config.preprocess != PreprocessConfig() else None)
+        else:
+            ds = load_dataset(config.dataset, config.dataset_path, config=config.preprocess,
+                              metadata=config.metadata_path)  # fmt: skip
+        encoder = TextEncoder(config.encoder, device=config.trm.device)
+        retriever = Retriever.for_dataset(
+            ds, config.trm, encoder, config.index, checkpoint=config.trm_checkpoint, progress=progress
+        )
+        _RESOURCES[key] = Resources(ds, retriever, item_text_embeddings(ds.catalog, encoder))
+    return _RESOURCES[key]
+
+
+@dataclass
+class RetrievalRequest:
+    """A call waiting for its item list (lets a vector env batch the retrieval of many envs)."""
+
+    history: np.ndarray
+    preference: str
+    exclude: np.ndarray | None
+
+
+class DeepRecEnv(gym.Env[str, str]):
+    """The DeepRec text environment; see the module docstring (the environment card)."""
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    def __init__(self, render_mode: str | None = None, resources: Resources | None = None, **kwargs: Any) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r}; must be None or 'ansi'")
+        self.render_mode = render_mode
+        self.config = EnvConfig(**kwargs)
+        self.res = resources if resources is not None else get_resources(self.config)
+        self.weights = self.config.weights
+        self.catalog = self.res.dataset.catalog
+        self.split = self.res.dataset.split(self.config.split)
+        examples = np.arange(len(self.split))
+        if self.config.users is not None:
+            examples = np.random.default_rng(self.config.users_seed).permutation(examples)[: self.config.users]
+        self.examples = examples
+        p = self.config.protocol
+        chars = set(string.printable) | set(self.catalog.charset) | set("".join(p.tags)) | set("—•’“”")
+        charset = "".join(sorted(chars))
+        self.observation_space = spaces.Text(max_length=self.config.max_obs_chars, min_length=0, charset=charset)
+        self.action_space = spaces.Text(max_length=p.max_segment_chars, min_length=0, charset=charset)
+        self.episode: Episode | None = None
+        self._done = True
+        self._example = -1
+
+    # ------------------------------------------------------------------------------------------
+    # reset
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        """Start an episode; ``options={"user": u}`` or ``{"example": j}`` picks it."""
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = set(options) - {"user", "example"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; use 'user' or 'example'")
+        if "user" in options:
+            j = self.split.example(int(options["user"]))
+        elif "example" in options:
+            j = int(options["example"])
+            if not 0 <= j < len(self.split):
+                raise ValueError(f"example={j}; must be in 0..{len(self.split) - 1}")
+        else:
+            j = int(self.examples[self.np_random.integers(len(self.examples))])
+        self._example = j
+        cfg = self.config
+        shown = self.split.history(j, cfg.prompt_history)
+        history_text = item_lines(self.catalog, shown)
+        if cfg.prompt == "base":
+            prompt = base_prompt(history_text, cfg.protocol, cfg.answer_k)
+        else:
+            prompt = chat_user_message(history_text, cfg.protocol, cfg.answer_k)
+        user = int(self.split.users[j])
+        self.episode = Episode(user=user, target=int(self.split.targets[j]), history=shown, prompt=prompt)
+        self._full_history = self.split.history(j, 10**9)
+        self._trm_history = self.split.history(j, self.res.retriever.max_len)
+        self._rejected = 0
+        self._done = False
+        info = {
+            "user": user,
+            "user_id": str(self.res.dataset.user_ids[user]),
+            "history": shown.copy(),
+            "split": cfg.split,
+            "stage": cfg.stage,
+        }
+        if cfg.prompt == "chat":
+            info["messages"] = [{"role": "user", "content": prompt}]
+        return prompt, info
+
+    # ------------------------------------------------------------------------------------------
+    # step, in two halves so that a vector env can batch the retrieval in between
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        """Consume one policy segment; see the module docstring."""
+        pending = self.begin_step(action)
+        if isinstance(pending, RetrievalRequest):
+            excl = None if pending.exclude is None else [pending.exclude]
+            ids, _ = self.res.retriever.retrieve([pending.history], [pending.preference], self.config.retrieval_k,
+                                                 exclude=excl)  # fmt: skip
+            return self.end_step(ids[0])
+        return pending
+
+    def begin_step(self, action: str):
+        """Parse ``action``; return a :class:`RetrievalRequest` for a call, else the step's result tuple."""
+        if self._done or self.episode is None:
+            raise RuntimeError("step() called on a finished episode; call reset() first")
+        if not isinstance(action, str):
+            raise TypeError(f"action must be str, got {type(action).__name__}")
+        ep, cfg = self.episode, self.config
+        act = parse(action, cfg.protocol)
+        if act.kind == "call":
+            if ep.n_calls >= cfg.max_calls:
+                ep.parts.append(("policy", action))
+                ep.truncated_reason = f"call budget of {cfg.max_calls} spent: this segment had to answer"
+                return self._finish(act, terminated=False)
+            ep.parts.append(("policy", action))
+            ep.preferences.append(act.preference)
+            self._pending = act
+            excl = []
+            if cfg.dedup_retrieved and ep.retrieved:
+                excl.append(np.concatenate(ep.retrieved))
+            if cfg.mask_history:
+                excl.append(self._full_history)
+            exclude = np.unique(np.concatenate(excl)) if excl else None
+            return RetrievalRequest(self._trm_history, act.preference, exclude)
+        if act.kind == "answer":
+            ep.parts.append(("policy", action))
+            ep.answer = act
+            return self._finish(act, terminated=True)
+        # invalid
+        if cfg.invalid_action == "feedback":
+            self._rejected += 1
+            if self._rejected > cfg.max_invalid:
+                ep.truncated_reason = f"more than {cfg.max_invalid} rejected segments"
+                return self._finish(act, terminated=False)
+            comps = dict.fromkeys(COMPONENTS, 0.0)
+            comps["format"] = -1.0
+            msg = f"[invalid action: {'; '.join(act.errors)}. Continue with a call or the final answer.]\n"
+            return msg, self._weighted(comps), False, False, self._step_info(act, comps)
+        ep.parts.append(("policy", action[: cfg.protocol.max_segment_chars]))
+        ep.invalid.append(act.errors)
+        return self._finish(act, terminated=True)
+
+    def end_step(self, ids: np.ndarray) -> tuple[str, float, bool, bool, dict]:
+        """Finish a call with the retrieved ``ids``: insert the item list, give ``retrieval_hit``."""
+        ep = self.episode
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[ids > 0]
+        ep.retrieved.append(ids)
+        text = item_list_text(self.catalog, ids, self.config.protocol)
+        ep.parts.append(("env", text))
+        comps = dict.fromkeys(COMPONENTS, 0.0)
+        comps["retrieval_hit"] = retrieval_hit_reward(ep, len(ep.retrieved) - 1)
+        info = self._step_info(self._pending, comps)
+        info.update(retrieved=ids.copy(), preference=ep.preferences[-1], env_text=text)
+        return text, self._weighted(comps), False, False, info
+
+    # ------------------------------------------------------------------------------------------
+
+    def _weighted(self, comps: dict[str, float]) -> float:
+        return float(sum(self.weights[c] * v for c, v in comps.items()))
+
+    def _step_info(self, act: Action, comps: dict[str, float]) -> dict:
+        return {
+            "is_action_valid": act.kind != "invalid",
+            "action_kind": act.kind,
+            "errors": list(act.errors),
+            "reward_components": comps,
+            "n_calls": self.episode.n_calls,
+        }
+
+    def _ground(self, lines: tuple[str, ...]) -> list[int | None]:
+        target = self.episode.target
+        out: list[int | None] = []
+        for line in lines:
+            title = strip_title_line(line)
+            if self.config.match == "substring":
+                # the reference: the line names the target when the target title is a substring of it
+                if self.catalog.titles[target] in line:
+                    out.append(target)
+                    continue
+            item = self.catalog.ground(title, fuzzy_cutoff=self.config.fuzzy_cutoff) if title else None
+            if item is not None and item != target and self.catalog.titles[item] == self.catalog.titles[target]:
+                item = target  # the same title under two ids (ml-100k has 18 such pairs) names the target
+            out.append(item)
+        return out
+
+    def _finish(self, act: Action, *, terminated: bool):
+        ep, cfg = self.episode, self.config
+        self._done = True
+        ep.answer_ids = self._ground(ep.answer.answer_lines) if ep.answer is not None else []
+        ep.format_errors = check_format(ep, cfg.protocol, cfg.answer_k)
+        comps = dict.fromkeys(COMPONENTS, 0.0)
+        comps["format"] = format_reward(ep)
+        comps["invocation"] = invocation_reward(ep)
+        if ep.n_calls >= 2:  # the encoder's cache already holds the preferences' vectors
+            comps["diversity"] = diversity_reward(ep, self.res.encoder.encode(ep.preferences))
+        comps["hit"] = hit_reward(ep)
+        comps["rank"] = rank_reward(ep, k=cfg.answer_k)
+        comps["point"] = point_reward(ep, self.res.text_emb, self.res.item_vecs)
+        info = self._step_info(act, comps)
+        valid_ids = [i for i in ep.answer_ids if i is not None]
+        ranked = list(dict.fromkeys(valid_ids))
+        rank = MISS if ep.format_errors else rank_in_list(ranked, ep.target)
+        seen = set(self._full_history.tolist())
+        info.update(
+            target=ep.target,
+            answer_ids=list(ep.answer_ids),
+            rank=rank,
+            metrics=rank_metrics(np.array([rank])),
+            hallucinated=sum(i is None for i in ep.answer_ids),
+            seen=sum(i in seen for i in valid_ids),
+            duplicates=len(valid_ids) - len(ranked),
+            format_errors=list(ep.format_errors),
+        )
+        return "", self._weighted(comps), terminated, not terminated, info
+
+    def render(self) -> str | None:
+        """The transcript so far (``render_mode="ansi"``)."""
+        if self.render_mode != "ansi" or self.episode is None:
+            return None
+        return self.episode.prompt + self.episode.response
+
+    def config_dict(self) -> dict:
+        """The configuration as plain data (for result files)."""
+        return asdict(self.config)

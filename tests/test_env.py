@@ -1,0 +1,301 @@
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import deeprec_env  # noqa: F401  (registers the ids)
+from deeprec_env.rewards import COMPONENTS
+
+CALL = "<|begin_of_preference|> {} <|end_of_preference|>"
+
+
+def answer_segment(titles, reasoning="Ranking the retrieved items."):
+    lines = "\n".join(f"{i}. {t}" for i, t in enumerate(titles, start=1))
+    return f"{reasoning}\n</think>\n<recommendation_list>\n{lines}\n</recommendation_list>"
+
+
+def other_titles(env, target, n):
+    cat = env.catalog
+    return [cat.titles[i] for i in range(1, cat.num_embeddings) if cat.titles[i] != cat.titles[target]][:n]
+
+
+def run_scripted(env, user_example=0, first=True):
+    obs, info = env.reset(options={"example": user_example})
+    target = env.episode.target
+    rewards, infos = [], []
+    for seg in (
+        "The user watches dramas. " + CALL.format("drama"),
+        "Now something lighter. " + CALL.format("comedy; action"),
+    ):
+        obs, r, term, trunc, info = env.step(seg)
+        assert not term and not trunc and info["is_action_valid"]
+        assert obs.startswith("<|begin_of_item_list|>\n1. ") and obs.endswith("<|end_of_item_list|>\n\n")
+        rewards.append(r)
+        infos.append(info)
+    titles = other_titles(env, target, 9)
+    titles.insert(0 if first else 9, env.catalog.titles[target])
+    obs, r, term, trunc, info = env.step(answer_segment(titles))
+    assert term and not trunc and obs == ""
+    return rewards + [r], infos + [info]
+
+
+def point_by_hand(env, answer_ids, target):
+    te, iv = env.res.text_emb, env.res.item_vecs
+    n = len(answer_ids)
+    w = np.array([(1 - i / n) ** 2 for i in range(n)])
+    sims = np.array([0.5 * (te[i] @ te[target] + iv[i] @ iv[target]) for i in answer_ids])
+    return 10 * float((w * sims).sum() / w.sum())
+
+
+def test_scripted_episode_rec_stage(make_env):
+    env = make_env(stage="rec")
+    rewards, infos = run_scripted(env)
+    final = infos[-1]
+    assert final["format_errors"] == []
+    c = final["reward_components"]
+    assert c["format"] == 0.0 and c["hit"] == 1.0 and c["rank"] == pytest.approx(0.2 * 10)
+    assert c["point"] == pytest.approx(point_by_hand(env, final["answer_ids"], final["target"]), abs=1e-5)
+    assert sum(rewards) == pytest.approx(1 + 2.0 + c["point"])
+    assert final["metrics"]["recall@1"] == 1.0 and final["metrics"]["ndcg@10"] == 1.0
+    assert final["hallucinated"] == 0 and final["duplicates"] == 0
+
+
+def test_scripted_episode_rank_last(make_env):
+    env = make_env(stage="rec")
+    _, infos = run_scripted(env, first=False)
+    c = infos[-1]["reward_components"]
+    assert c["hit"] == 1.0 and c["rank"] == pytest.approx(0.2 * 1)
+    assert infos[-1]["rank"] == 9 and infos[-1]["metrics"]["recall@5"] == 0.0
+
+
+def test_scripted_episode_coldstart_stage(make_env):
+    env = make_env(stage="coldstart")
+    rewards, infos = run_scripted(env)
+    c = infos[-1]["reward_components"]
+    e = env.res.encoder.encode(["drama", "comedy; action"])
+    diversity = 0.2 * (1 - float(e[0] @ e[1]))
+    assert c["invocation"] == 0.5 and c["diversity"] == pytest.approx(diversity, abs=1e-6)
+    assert sum(rewards) == pytest.approx(0 + 0.5 + diversity)
+
+
+def test_reward_is_weighted_sum_of_components(make_env):
+    weights = {"format": 2.0, "hit": 0.5, "point": 0.1, "retrieval_hit": 3.0, "invocation": 1.0}
+    env = make_env(reward_weights=weights)
+    for ex in range(5):
+        rewards, infos = run_scripted(env, ex)
+        for r, info in zip(rewards, infos, strict=True):
+            comps = info["reward_components"]
+            assert set(comps) == set(COMPONENTS)
+            assert r == pytest.approx(sum(weights.get(k, 0) * v for k, v in comps.items()))
+
+
+def test_retrieval_hit_credit(make_env):
+    env = make_env(reward_weights={"retrieval_hit": 1.0}, retrieval_k=40)  # catalogue of ~40 items
+    env.reset(options={"example": 0})
+    _, r, _, _, info = env.step(CALL.format("drama"))
+    ids = info["retrieved"]
+    pos = np.flatnonzero(ids == env.episode.target)
+    assert len(pos) == 1 and r == pytest.approx(1 / np.log2(pos[0] + 2))
+    _, r2, _, _, _ = env.step(CALL.format("drama"))
+    assert r2 == 0.0  # only the first retrieval of the target earns credit
+
+
+def test_format_failures(make_env):
+    env = make_env()
+    env.reset(seed=1)
+    env.step(CALL.format("drama"))
+    titles = other_titles(env, env.episode.target, 9)  # 9 lines, not 10
+    _, r, term, _, info = env.step(answer_segment(titles))
+    assert term and info["reward_components"]["format"] == -1.0
+    assert any("needs 10" in e for e in info["format_errors"])
+    assert info["rank"] == -1 and info["metrics"]["recall@10"] == 0.0
+
+    env.reset(seed=1)  # answer without any call
+    _, r, term, _, info = env.step(answer_segment(other_titles(env, env.episode.target, 10)))
+    assert "no tool call" in info["format_errors"] and r == -1.0
+
+    env.reset(seed=1)  # no reasoning after the last item list
+    env.step(CALL.format("drama"))
+    _, _, _, _, info = env.step(answer_segment(other_titles(env, env.episode.target, 10), reasoning=""))
+    assert "no reasoning after the last item list" in info["format_errors"]
+
+    env.reset(seed=1)  # role word
+    env.step("Assistant: " + CALL.format("drama"))
+    _, _, _, _, info = env.step(answer_segment(other_titles(env, env.episode.target, 10)))
+    assert "role word in the response" in info["format_errors"]
+
+
+def test_invalid_ends_episode_by_default(make_env):
+    env = make_env()
+    env.reset(seed=0)
+    obs, r, term, trunc, info = env.step("I think the user likes films.")
+    assert term and not trunc and not info["is_action_valid"] and r == -1.0
+    with pytest.raises(RuntimeError, match="finished episode"):
+        env.step("anything")
+
+
+def test_feedback_mode(make_env):
+    env = make_env(invalid_action="feedback", max_invalid=2)
+    env.reset(seed=0)
+    obs, r, term, trunc, info = env.step("no tags")
+    assert not term and not trunc and r == -1.0 and "invalid action" in obs
+    assert info["reward_components"]["format"] == -1.0
+    env.step(CALL.format("drama"))
+    _, r, term, _, info = env.step(answer_segment(other_titles(env, env.episode.target, 10)))
+    assert term and info["format_errors"] == []  # rejected segments are not part of the transcript
+    env.reset(seed=0)
+    for _ in range(2):
+        env.step("still no tags")
+    _, r, term, trunc, info = env.step("and again")
+    assert trunc and not term and info["reward_components"]["format"] == -1.0
+
+
+def test_call_budget_truncates(make_env):
+    env = make_env(max_calls=8)
+    env.reset(seed=0)
+    for i in range(8):
+        _, _, term, trunc, _ = env.step(CALL.format(f"drama {i}"))
+        assert not term and not trunc
+    _, r, term, trunc, info = env.step(CALL.format("one more"))
+    assert trunc and not term and r == -1.0
+    assert any("call budget" in e for e in info["format_errors"])
+
+
+def test_dedup_and_mask_history(make_env):
+    env = make_env(dedup_retrieved=True, mask_history=True, retrieval_k=5)
+    env.reset(seed=3)
+    seen = set()
+    history = set(env.split.history(env._example, 10**9).tolist())
+    for _ in range(3):
+        _, _, _, _, info = env.step(CALL.format("drama"))
+        ids = set(info["retrieved"].tolist())
+        assert not ids & seen and not ids & history
+        seen |= ids
+
+
+def test_same_seed_same_episode(make_env):
+    a, b = make_env(), make_env()
+    oa, ia = a.reset(seed=42)
+    ob, ib = b.reset(seed=42)
+    assert oa == ob and ia["user"] == ib["user"]
+    ra = a.step(CALL.format("drama"))
+    rb = b.step(CALL.format("drama"))
+    assert ra[0] == rb[0] and np.array_equal(ra[4]["retrieved"], rb[4]["retrieved"])
+    u = ia["user"]
+    assert a.reset(options={"user": u})[0] == b.reset(seed=7, options={"user": u})[0]
+    with pytest.raises(ValueError, match="unknown reset options"):
+        a.reset(options={"usr": 1})
+
+
+def test_counts_and_substring_match(make_env):
+    env = make_env(match="substring")
+    env.reset(options={"example": 2})
+    target = env.episode.target
+    history_item = int(env.split.history(2, 10**9)[-1])
+    cat = env.catalog
+    env.step("Drama fan. " + CALL.format("drama"))
+    lines = [
+        f"My pick: {cat.titles[target]} (great)",
+        "Totally Invented Film 3000",
+        cat.titles[history_item],
+        cat.titles[history_item],
+    ] + other_titles(env, target, 12)[:6]
+    _, _, _, _, info = env.step(answer_segment(lines))
+    assert info["answer_ids"][0] == target and info["rank"] == 0
+    assert info["hallucinated"] == 1 and info["duplicates"] >= 1 and info["seen"] >= 2
+
+
+def test_render_and_chat_prompt(make_env):
+    env = make_env(render_mode="ansi", prompt="chat")
+    obs, info = env.reset(seed=0)
+    assert info["messages"][0]["content"] == obs and "User interaction history:" in obs
+    env.step(CALL.format("drama"))
+    text = env.render()
+    assert text.startswith(obs) and "<|begin_of_item_list|>" in text
+    base = make_env()
+    assert base.reset(seed=0)[0].endswith("Assistant:\n<think>\n")
+
+
+def test_bad_config():
+    from deeprec_env.env import EnvConfig
+
+    with pytest.raises(ValueError, match="stage='warmup'"):
+        EnvConfig(stage="warmup")
+    with pytest.raises(ValueError, match="unknown reward components"):
+        EnvConfig(reward_weights={"fun": 1.0})
+    with pytest.raises(ValueError, match="max_calls=0"):
+        EnvConfig(max_calls=0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.one_of(
+        st.text(max_size=300),
+        st.lists(
+            st.sampled_from(
+                [
+                    "<|begin_of_preference|>",
+                    "<|end_of_preference|>",
+                    "</think>",
+                    "<think>",
+                    "<recommendation_list>",
+                    "</recommendation_list>",
+                    "<|begin_of_item_list|>",
+                    "\n",
+                    "1. ",
+                    "drama",
+                    '"',
+                    "\x00",
+                    "\x1b[31m",
+                    "é",
+                    "🎬",
+                ]
+            ),
+            max_size=40,
+        ).map("".join),
+    )
+)
+def test_fuzz_step_never_raises(make_env, text):
+    env = make_env()
+    env.reset(seed=0)
+    done = False
+    for _ in range(3):
+        if done:
+            break
+        obs, r, term, trunc, info = env.step(text)
+        assert isinstance(obs, str) and np.isfinite(r)
+        assert set(info["reward_components"]) == set(COMPONENTS)
+        done = term or trunc
+
+
+def test_fuzz_extremes(make_env):
+    env = make_env()
+    for text in [
+        "",
+        "x" * 5_000_000,
+        CALL.format("x") * 100,
+        "<|begin_of_preference|>" * 10_000,
+        CALL.format("   "),
+        CALL.format('"  "'),
+    ]:
+        env.reset(seed=0)
+        t = time.perf_counter()
+        _, r, term, trunc, info = env.step(text)
+        assert time.perf_counter() - t < 2.0
+        assert term and not info["is_action_valid"]
+    env.reset(seed=0)
+    for bad in (None, 3, b"bytes", ["list"]):
+        with pytest.raises(TypeError, match="action must be str"):
+            env.step(bad)
+
+
+def test_gym_make_registered_ids(env_kwargs, resources):
+    env = gym.make("DeepRec-v0", resources=resources, **env_kwargs)
+    assert env.unwrapped.config.stage == "rec"
+    obs, _ = env.reset(seed=0)
+    assert obs in env.observation_space
+    cold = gym.make("DeepRecColdStart-v0", resources=resources, **env_kwargs)
+    assert cold.unwrapped.config.stage == "coldstart"
