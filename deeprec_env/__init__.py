@@ -1,14 +1,14 @@
 """deeprec-env: a Gymnasium environment for LLM-based recommendation (DeepRec, arXiv 2505.16810).
 
-Importing the package registers ``DeepRec-v0`` (stage ``rec``) and ``DeepRecColdStart-v0``
-(stage ``coldstart``).
+Importing the package registers ``DeepRec-v0`` (stage ``rec``), ``DeepRecColdStart-v0`` (stage
+``coldstart``) and ``DeepRecNumeric-v0`` (the Box/Discrete view for classic RL, stage ``rec``).
 """
 
 from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
 
-ENV_IDS = ("DeepRec-v0", "DeepRecColdStart-v0")
+ENV_IDS = ("DeepRec-v0", "DeepRecColdStart-v0", "DeepRecNumeric-v0")
 
 if "DeepRec-v0" not in registry:
     register(
@@ -23,3 +23,4 @@ if "DeepRec-v0" not in registry:
         vector_entry_point="deeprec_env.vector:DeepRecVectorEnv",
         kwargs={"stage": "coldstart"},
     )
+    register(id="DeepRecNumeric-v0", entry_point="deeprec_env.wrappers:DeepRecNumericEnv", kwargs={"stage": "rec"})

@@ -60,9 +60,9 @@ invalid_action, match, protocol, trm, trm_checkpoint, encoder, index, ...), plus
 
 ## Info
 
-reset: ``user``, ``user_id``, ``history`` (ids shown), ``split``, ``stage``, ``messages`` (chat prompt).
+reset: ``user``, ``user_id``, ``history`` (list of the ids shown), ``split``, ``stage``, ``messages`` (chat prompt).
 step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components``, ``n_calls``, and after
-a call ``retrieved`` (ids) and ``preference``. At the end also ``target``, ``answer_ids``, ``rank``,
+a call ``retrieved`` (list of ids), ``preference`` and ``env_text`` (the inserted text). At the end also ``target``, ``answer_ids``, ``rank``,
 ``metrics`` (recall@1/5/10, ndcg@5/10; a failed or malformed episode is a miss), ``hallucinated``,
 ``seen``, ``duplicates`` and ``format_errors``.
 
@@ -197,7 +197,12 @@ class EnvConfig:
 
 
 class Resources:
-    """What every environment on one dataset shares: the dataset, the retriever and embeddings."""
+    """What every environment on one dataset shares: the dataset, the retriever and embeddings.
+
+    Attributes: ``dataset``, ``retriever``, ``encoder``, ``text_emb`` (unit item text embeddings),
+    ``item_vecs`` (unit TRM item embeddings, for the ``point`` reward) and ``score_vecs`` (the vectors
+    the index searches, in the TRM's scoring space).
+    """
 
     def __init__(self, dataset: RecDataset, retriever, text_emb: np.ndarray) -> None:
         import torch
@@ -209,6 +214,7 @@ class Resources:
         self.text_emb = np.where(norms > 0, text_emb / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
         with torch.inference_mode():
             v = torch.nn.functional.normalize(retriever.trm.item_emb.weight.float(), dim=-1)
+            self.score_vecs = retriever.trm.item_vectors().float().cpu().numpy()
         self.item_vecs = v.cpu().numpy()
 
 
@@ -315,7 +321,7 @@ class DeepRecEnv(gym.Env[str, str]):
         info = {
             "user": user,
             "user_id": str(self.res.dataset.user_ids[user]),
-            "history": shown.copy(),
+            "history": shown.tolist(),
             "split": cfg.split,
             "stage": cfg.stage,
         }
@@ -388,7 +394,7 @@ class DeepRecEnv(gym.Env[str, str]):
         comps = dict.fromkeys(COMPONENTS, 0.0)
         comps["retrieval_hit"] = retrieval_hit_reward(ep, len(ep.retrieved) - 1)
         info = self._step_info(self._pending, comps)
-        info.update(retrieved=ids.copy(), preference=ep.preferences[-1], env_text=text)
+        info.update(retrieved=ids.tolist(), preference=ep.preferences[-1], env_text=text)
         return text, self._weighted(comps), False, False, info
 
     # ------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_retrieval_hit_credit(make_env):
     env = make_env(reward_weights={"retrieval_hit": 1.0}, retrieval_k=40)  # catalogue of ~40 items
     env.reset(options={"example": 0})
     _, r, _, _, info = env.step(CALL.format("drama"))
-    ids = info["retrieved"]
+    ids = np.array(info["retrieved"])
     pos = np.flatnonzero(ids == env.episode.target)
     assert len(pos) == 1 and r == pytest.approx(1 / np.log2(pos[0] + 2))
     _, r2, _, _, _ = env.step(CALL.format("drama"))
@@ -171,7 +171,7 @@ def test_dedup_and_mask_history(make_env):
     history = set(env.split.history(env._example, 10**9).tolist())
     for _ in range(3):
         _, _, _, _, info = env.step(CALL.format("drama"))
-        ids = set(info["retrieved"].tolist())
+        ids = set(info["retrieved"])
         assert not ids & seen and not ids & history
         seen |= ids
 

@@ -1,0 +1,103 @@
+"""A numeric view of DeepRec for classic RL (``DeepRecNumeric-v0``): Box observations, Discrete actions.
+
+Action ``a < n_facets`` calls the TRM with one catalogue facet (a category, most frequent first) as
+the preference; action ``n_facets`` finishes: the items retrieved so far, ranked by the TRM's
+no-preference score, become the 10-line answer. Each action is written as a protocol segment and
+stepped through the text :class:`~deeprec_env.env.DeepRecEnv`, so rewards, metrics and info are the
+text environment's. The observation concatenates, all in [0, 1]:
+
+- the share of each facet in the user's history (``n_facets``),
+- which facets were already queried (``n_facets``),
+- calls used / budget, distinct items retrieved / (budget * k), and the share of the best
+  retrieved items' facets that match the history's top facet.
+
+Finishing before any call fails the format check (-1); so does a call past the budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from deeprec_env.env import DeepRecEnv
+
+
+class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
+    """Discrete facet queries over :class:`~deeprec_env.env.DeepRecEnv`; see the module docstring.
+
+    Args:
+        n_facets: facets offered as actions (the most frequent categories of the catalogue).
+        render_mode: ``"ansi"`` renders the underlying text transcript.
+        **kwargs: forwarded to :class:`~deeprec_env.env.DeepRecEnv` (dataset, stage, ...).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    def __init__(self, n_facets: int = 16, render_mode: str | None = None, **kwargs: Any) -> None:
+        self.text_env = DeepRecEnv(render_mode=render_mode, **kwargs)
+        self.render_mode = render_mode
+        cats = self.text_env.catalog.all_categories
+        if n_facets < 1:
+            raise ValueError(f"n_facets={n_facets}; must be >= 1")
+        self.facets = tuple(cats[:n_facets])
+        self.n_facets = len(self.facets)
+        if self.n_facets == 0:
+            raise ValueError("the catalogue has no categories to use as facets")
+        self._facet_matrix = self.text_env.catalog.category_matrix[:, : self.n_facets].astype(np.float32)
+        self.action_space = spaces.Discrete(self.n_facets + 1)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(2 * self.n_facets + 3,), dtype=np.float32)
+        self._k = self.text_env.config.answer_k
+        self._calls = self.text_env.config.max_calls
+
+    def _obs(self) -> np.ndarray:
+        env = self.text_env
+        ep = env.episode
+        hist = self._facet_matrix[ep.history].sum(0) if len(ep.history) else np.zeros(self.n_facets, np.float32)
+        hist = hist / max(1.0, float(hist.sum()))
+        retrieved = np.unique(np.concatenate(ep.retrieved)) if ep.retrieved else np.zeros(0, np.int64)
+        top = int(np.argmax(hist)) if hist.any() else 0
+        match = float(self._facet_matrix[retrieved[: self._k], top].mean()) if len(retrieved) else 0.0
+        budget = self._calls * env.config.retrieval_k
+        extra = [min(1.0, ep.n_calls / self._calls), min(1.0, len(retrieved) / budget), match]
+        return np.concatenate([hist, self._queried, np.asarray(extra, np.float32)]).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Reset the text environment and return the numeric observation."""
+        super().reset(seed=seed)
+        _, info = self.text_env.reset(seed=seed, options=options)
+        self._queried = np.zeros(self.n_facets, np.float32)
+        return self._obs(), info
+
+    def _answer(self) -> str:
+        env = self.text_env
+        ep = env.episode
+        pool = list(dict.fromkeys(int(i) for ids in ep.retrieved for i in ids))
+        if pool:
+            q = env.res.retriever.user_vectors([env._trm_history])[0]
+            scores = env.res.score_vecs[pool] @ q
+            pool = [pool[j] for j in np.argsort(-scores, kind="stable")]
+        lines = "\n".join(f"{n}. {env.catalog.titles[i]}" for n, i in enumerate(pool[: self._k], start=1))
+        return f"Ranking the retrieved items by the recommender's score.\n</think>\n" + (
+            f"<recommendation_list>\n{lines}\n</recommendation_list>"
+        )
+
+    def step(self, action):
+        """Query facet ``action`` or finish (``action == n_facets``)."""
+        if not self.action_space.contains(np.int64(action)):
+            raise ValueError(f"action={action!r}; must be an int in 0..{self.n_facets}")
+        a = int(action)
+        p = self.text_env.config.protocol
+        if a == self.n_facets:
+            text = self._answer()
+        else:
+            self._queried[a] = 1.0
+            text = f"Exploring the {self.facets[a]} facet. {p.call_open} {self.facets[a]} {p.call_close}"
+        _, reward, terminated, truncated, info = self.text_env.step(text)
+        return self._obs(), reward, terminated, truncated, info
+
+    def render(self) -> str | None:
+        """The underlying text transcript (``render_mode="ansi"``)."""
+        return self.text_env.render()
