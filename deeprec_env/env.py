@@ -60,11 +60,12 @@ invalid_action, match, protocol, trm, trm_checkpoint, encoder, index, ...), plus
 
 ## Info
 
-reset: ``user``, ``user_id``, ``history`` (list of the ids shown), ``split``, ``stage``, ``messages`` (chat prompt).
-step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components``, ``n_calls``, and after
-a call ``retrieved`` (list of ids), ``preference`` and ``env_text`` (the inserted text). At the end also ``target``, ``answer_ids``, ``rank``,
-``metrics`` (recall@1/5/10, ndcg@5/10; a failed or malformed episode is a miss), ``hallucinated``,
-``seen``, ``duplicates`` and ``format_errors``.
+reset: ``user``, ``user_id``, ``history`` (list of the ids shown), ``split``, ``stage``, ``messages``
+(chat prompt). step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components``,
+``n_calls``; after a call also ``retrieved`` (list of ids), ``preference`` and ``env_text`` (the
+inserted text). At the end also ``target``, ``answer_ids``, ``rank``, ``metrics`` (recall@1/5/10,
+ndcg@5/10; a failed or malformed episode is a miss), ``hallucinated``, ``seen``, ``duplicates`` and
+``format_errors``.
 
 ## Version History
 

@@ -80,9 +80,9 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
             scores = env.res.score_vecs[pool] @ q
             pool = [pool[j] for j in np.argsort(-scores, kind="stable")]
         lines = "\n".join(f"{n}. {env.catalog.titles[i]}" for n, i in enumerate(pool[: self._k], start=1))
-        return f"Ranking the retrieved items by the recommender's score.\n</think>\n" + (
-            f"<recommendation_list>\n{lines}\n</recommendation_list>"
-        )
+        p = env.config.protocol
+        reasoning = "Ranking the retrieved items by the recommender's score."
+        return f"{reasoning}\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}"
 
     def step(self, action):
         """Query facet ``action`` or finish (``action == n_facets``)."""
