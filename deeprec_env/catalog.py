@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 PAD = "<pad>"
-_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
+_YEAR = re.compile(r"\s*\((\d{4})\)\W*$")
 _ARTICLE_SUFFIX = re.compile(r"^(.*), (the|a|an|les|la|le|il|el|das|der|die)$", re.IGNORECASE)
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 
@@ -164,15 +164,29 @@ class Catalog:
         return out
 
     @cached_property
-    def _normalised_keys(self) -> list[str]:
-        return list(self._normalised)
+    def _word_index(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = {}
+        for key in self._normalised:
+            for w in set(key.split()):
+                index.setdefault(w, []).append(key)
+        return index
+
+    def _fuzzy_candidates(self, key: str, limit: int = 200) -> list[str]:
+        """Normalised titles sharing the most words with ``key`` (rare words count more)."""
+        score: dict[str, float] = {}
+        for w in set(key.split()):
+            keys = self._word_index.get(w, ())
+            for k in keys:
+                score[k] = score.get(k, 0.0) + 1.0 / len(keys)
+        return sorted(score, key=lambda k: (-score[k], k))[:limit]
 
     def ground(self, title: str, *, fuzzy_cutoff: float = 0.9) -> int | None:
         """Map a free-text title to an item number: exact, then normalised, then fuzzy match.
 
         Titles shared by several items resolve to the lowest item number. The fuzzy step compares the
         normalised key with difflib's ratio and accepts the best match at or above ``fuzzy_cutoff``
-        (set it above 1 to disable fuzzy matching). Returns None when nothing matches.
+        (set it above 1 to disable fuzzy matching) among the titles that share a word with it, so the
+        cost does not grow with the catalogue. Returns None when nothing matches.
         """
         if not isinstance(title, str):
             raise TypeError(f"title must be str, got {type(title).__name__}")
@@ -186,7 +200,7 @@ class Catalog:
         hit = self._normalised.get(key)
         if hit is not None or fuzzy_cutoff > 1.0:
             return hit
-        close = difflib.get_close_matches(key, self._normalised_keys, n=1, cutoff=fuzzy_cutoff)
+        close = difflib.get_close_matches(key, self._fuzzy_candidates(key), n=1, cutoff=fuzzy_cutoff)
         return self._normalised[close[0]] if close else None
 
     def describe(self, item: int) -> str:
