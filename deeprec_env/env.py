@@ -96,6 +96,7 @@ from deeprec_env.protocol import (
     base_prompt,
     chat_user_message,
     check_format,
+    format_patterns,
     item_lines,
     item_list_text,
     parse,
@@ -284,6 +285,7 @@ class DeepRecEnv(gym.Env[str, str]):
         self.observation_space = spaces.Text(max_length=self.config.max_obs_chars, min_length=0, charset=charset)
         self.action_space = spaces.Text(max_length=p.max_segment_chars, min_length=0, charset=charset)
         self.episode: Episode | None = None
+        self._patterns = format_patterns(p)
         self._done = True
         self._example = -1
 
@@ -314,7 +316,9 @@ class DeepRecEnv(gym.Env[str, str]):
         else:
             prompt = chat_user_message(history_text, cfg.protocol, cfg.answer_k)
         user = int(self.split.users[j])
-        self.episode = Episode(user=user, target=int(self.split.targets[j]), history=shown, prompt=prompt)
+        self.episode = Episode(
+            user=user, target=int(self.split.targets[j]), history=shown, prompt=prompt, patterns=self._patterns
+        )
         self._full_history = self.split.history(j, 10**9)
         self._trm_history = self.split.history(j, self.res.retriever.max_len)
         self._rejected = 0
@@ -353,10 +357,10 @@ class DeepRecEnv(gym.Env[str, str]):
         act = parse(action, cfg.protocol)
         if act.kind == "call":
             if ep.n_calls >= cfg.max_calls:
-                ep.parts.append(("policy", action))
+                ep.add("policy", action)
                 ep.truncated_reason = f"call budget of {cfg.max_calls} spent: this segment had to answer"
                 return self._finish(act, terminated=False)
-            ep.parts.append(("policy", action))
+            ep.add("policy", action)
             ep.preferences.append(act.preference)
             self._pending = act
             excl = []
@@ -367,7 +371,7 @@ class DeepRecEnv(gym.Env[str, str]):
             exclude = np.unique(np.concatenate(excl)) if excl else None
             return RetrievalRequest(self._trm_history, act.preference, exclude)
         if act.kind == "answer":
-            ep.parts.append(("policy", action))
+            ep.add("policy", action)
             ep.answer = act
             return self._finish(act, terminated=True)
         # invalid
@@ -380,7 +384,7 @@ class DeepRecEnv(gym.Env[str, str]):
             comps["format"] = -1.0
             msg = f"[invalid action: {'; '.join(act.errors)}. Continue with a call or the final answer.]\n"
             return msg, self._weighted(comps), False, False, self._step_info(act, comps)
-        ep.parts.append(("policy", action[: cfg.protocol.max_segment_chars]))
+        ep.add("policy", action[: cfg.protocol.max_segment_chars])
         ep.invalid.append(act.errors)
         return self._finish(act, terminated=True)
 
@@ -391,7 +395,7 @@ class DeepRecEnv(gym.Env[str, str]):
         ids = ids[ids > 0]
         ep.retrieved.append(ids)
         text = item_list_text(self.catalog, ids, self.config.protocol)
-        ep.parts.append(("env", text))
+        ep.add("env", text)
         comps = dict.fromkeys(COMPONENTS, 0.0)
         comps["retrieval_hit"] = retrieval_hit_reward(ep, len(ep.retrieved) - 1)
         info = self._step_info(self._pending, comps)

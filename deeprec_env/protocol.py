@@ -253,6 +253,36 @@ class Episode:
     """Why the episode was truncated, if it was."""
     format_errors: list[str] = field(default_factory=list)
     """Whole-response format failures (filled when the episode ends)."""
+    patterns: tuple[str, ...] = ()
+    """Strings whose occurrences are counted once per part as parts are added (see :meth:`count`)."""
+    _counts: list[dict[str, int]] = field(default_factory=list, repr=False)
+
+    def add(self, kind: Literal["policy", "env"], text: str) -> None:
+        """Append a response part and count the patterns in it (so the final checks do not rescan)."""
+        self.parts.append((kind, text))
+        self._counts.append({pat: text.count(pat) for pat in self.patterns})
+
+    def count(self, pattern: str) -> int:
+        """Occurrences of ``pattern`` in the response, summed over the per-part counts.
+
+        A match never spans two parts: every environment part starts with the item-list tag and ends
+        with a blank line, and two policy parts are never adjacent.
+        """
+        if pattern in self.patterns and len(self._counts) == len(self.parts):
+            return sum(c[pattern] for c in self._counts)
+        return self.response.count(pattern)
+
+    def contains(self, pattern: str) -> bool:
+        """Whether ``pattern`` occurs in the response."""
+        return self.count(pattern) > 0
+
+    def after_last(self, marker: str) -> str:
+        """The response after the last ``marker`` (the whole response if it never occurs)."""
+        for j in range(len(self.parts) - 1, -1, -1):
+            text = self.parts[j][1]
+            if marker in text:
+                return text.rpartition(marker)[2] + "".join(t for _, t in self.parts[j + 1 :])
+        return self.response
 
     @property
     def response(self) -> str:
@@ -265,38 +295,49 @@ class Episode:
         return len(self.preferences)
 
 
+def format_patterns(p: ProtocolConfig) -> tuple[str, ...]:
+    """Every string :func:`check_format` counts (give it to :class:`Episode` as ``patterns``)."""
+    return (
+        *p.tags,
+        f"{p.result_open}\n",
+        f"{p.result_open}\n1.",
+        f"{p.result_close}\n",
+        *p.role_words,
+        *p.placeholders,
+    )
+
+
 def check_format(ep: Episode, p: ProtocolConfig, k: int) -> list[str]:
     """Whole-response format checks of DESIGN.md section 4 (the reference's list); empty means format = 0."""
-    text = ep.response
     errs: list[str] = []
     if ep.invalid:
         errs.append(f"{len(ep.invalid)} invalid segment(s)")
     if ep.truncated_reason:
         errs.append(ep.truncated_reason)
     counts = {
-        text.count(p.call_open),
-        text.count(p.call_close),
-        text.count(p.result_open),
-        text.count(f"{p.result_open}\n"),
-        text.count(f"{p.result_open}\n1."),
-        text.count(p.result_close),
-        text.count(f"{p.result_close}\n"),
+        ep.count(p.call_open),
+        ep.count(p.call_close),
+        ep.count(p.result_open),
+        ep.count(f"{p.result_open}\n"),
+        ep.count(f"{p.result_open}\n1."),
+        ep.count(p.result_close),
+        ep.count(f"{p.result_close}\n"),
     }
     if len(counts) != 1:
         errs.append("call and item-list tags are not balanced")
     if ep.n_calls == 0:
         errs.append("no tool call")
-    if any(w in text for w in p.role_words):
+    if any(ep.contains(w) for w in p.role_words):
         errs.append("role word in the response")
-    if any(ph in text for ph in p.placeholders):
+    if any(ep.contains(ph) for ph in p.placeholders):
         errs.append("template placeholder copied")
-    if text.count(p.think_open) != 0 or text.count(p.think_close) != 1:
+    if ep.count(p.think_open) != 0 or ep.count(p.think_close) != 1:
         errs.append(f"needs no {p.think_open} and exactly one {p.think_close}")
-    after = text.split(p.think_close)[-1]
-    if not (text.count(p.answer_open) == text.count(p.answer_close) == 1 == after.count(p.answer_open)
+    after = ep.after_last(p.think_close)
+    if not (ep.count(p.answer_open) == ep.count(p.answer_close) == 1 == after.count(p.answer_open)
             == after.count(p.answer_close)):  # fmt: skip
         errs.append(f"needs exactly one {p.answer_open} ... {p.answer_close} after {p.think_close}")
-    if not text.split(p.result_close)[-1].split(p.think_close)[0].strip():
+    if not ep.after_last(p.result_close).partition(p.think_close)[0].strip():
         errs.append("no reasoning after the last item list")
     if ep.answer is None:
         errs.append("no answer")
@@ -312,6 +353,6 @@ def check_format(ep: Episode, p: ProtocolConfig, k: int) -> list[str]:
         if p.answer_open in outside and p.answer_close in outside:  # answer titles come from the catalogue
             head, rest = outside.split(p.answer_open, 1)
             outside = head + rest.split(p.answer_close, 1)[-1]
-        if _CJK.search(outside):
+        if not outside.isascii() and _CJK.search(outside):
             errs.append("CJK characters in the response")
     return errs

@@ -20,3 +20,12 @@ def test_retrieval_speed_smoke(tmp_path, tiny_encoder_path, capsys):
     assert len(data["rows"]) == 3
     assert all(r["p50_ms (batch 1)"] > 0 for r in data["rows"])
     assert 0.0 <= data["rows"][2]["recall@20 vs exact"] <= 1.0
+
+
+def test_env_speed_smoke(tmp_path, tiny_encoder_path, capsys):
+    from benchmarks import env_speed
+
+    env_speed.main(["--smoke", "--encoder", str(tiny_encoder_path), "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "env_speed_smoke.json").read_text())
+    assert data["steps_per_s_single"] > 0 and data["steps_per_s_vector"] > 0
+    assert data["own_work"]["approx_tokens"] > 10_000

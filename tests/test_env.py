@@ -299,3 +299,30 @@ def test_gym_make_registered_ids(env_kwargs, resources):
     assert obs in env.observation_space
     cold = gym.make("DeepRecColdStart-v0", resources=resources, **env_kwargs)
     assert cold.unwrapped.config.stage == "coldstart"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                CALL.format("drama"),
+                "Assistant " + CALL.format("x"),
+                "<think> " + CALL.format("y"),
+                "[retrieved item " + CALL.format("z"),
+            ]
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_incremental_counts_match_full_text(make_env, segments):
+    env = make_env()
+    env.reset(seed=0)
+    for seg in segments:
+        env.step(seg)
+    ep = env.episode
+    for pat in ep.patterns:
+        assert ep.count(pat) == ep.response.count(pat)
+    for marker in ("</think>", "<|end_of_item_list|>"):
+        assert ep.after_last(marker) == ep.response.rpartition(marker)[2] or marker not in ep.response
