@@ -31,7 +31,8 @@ class IndexConfig:
     ivf_nprobe: int = 16
     """IVF cells visited per query."""
     threads: int | None = 1
-    """faiss OpenMP threads (1 is fastest for small batches on a small CPU; None leaves faiss' default)."""
+    """OpenMP threads for a search (1 is fastest for small batches on a small CPU; None: the process
+    setting). faiss and torch share the OpenMP runtime, so the setting is restored after each search."""
     seed: int = 0
     """Seed of IVF k-means training."""
 
@@ -65,8 +66,6 @@ class ItemIndex:
         self.config = config
         self.n_items = len(vectors) - 1
         self.dim = vectors.shape[1]
-        if config.threads is not None:
-            faiss.omp_set_num_threads(config.threads)
         items = vectors[1:]
         if config.kind == "exact":
             index = faiss.IndexFlatIP(self.dim)
@@ -112,9 +111,15 @@ class ItemIndex:
         fetch = min(self.n_items, k + n_ex + self.TIE_MARGIN)
         if self.config.kind == "hnsw":
             self._index.hnsw.efSearch = max(self.config.hnsw_ef_search, fetch)
-        if self.config.threads is not None:
+        if self.config.threads is None:
+            scores, ids = self._index.search(q, fetch)
+        else:
+            before = self._faiss.omp_get_max_threads()
             self._faiss.omp_set_num_threads(self.config.threads)
-        scores, ids = self._index.search(q, fetch)
+            try:
+                scores, ids = self._index.search(q, fetch)
+            finally:
+                self._faiss.omp_set_num_threads(before)
         ids = ids.astype(np.int64) + 1  # faiss rows are item numbers - 1; -1 (not found) becomes 0
         scores = np.where(ids > 0, scores, -np.inf).astype(np.float32)
         if exclude is not None:

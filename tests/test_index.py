@@ -73,3 +73,12 @@ def test_bad_arguments():
         ItemIndex(np.full((3, 2), np.nan))
     with pytest.raises(ValueError, match="kind='lsh'"):
         IndexConfig(kind="lsh")
+
+
+def test_search_leaves_thread_setting_alone():
+    import torch
+
+    before = torch.get_num_threads()
+    index = ItemIndex(unit(np.random.default_rng(0).normal(size=(50, 8))).astype(np.float32))
+    index.search(np.ones((1, 8), np.float32), 5)
+    assert torch.get_num_threads() == before
