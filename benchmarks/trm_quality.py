@@ -9,6 +9,7 @@ Compares popularity, SASRec and the PreferenceTRM with no, oracle and misleading
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import asdict, replace
 
@@ -20,10 +21,12 @@ from deeprec_env.metrics import full_ranks, rank_metrics
 from deeprec_env.trm import (
     TRMConfig,
     evaluate_ranks,
+    load_or_train_trm,
     misleading_preference,
     oracle_preference,
     save_trm,
     train_trm,
+    trm_cache_path,
 )
 
 KS_RECALL, KS_NDCG = (1, 5, 10, 20), (5, 10, 20)
@@ -47,9 +50,10 @@ def run(dataset, config: TRMConfig, encoder, exclude_history: bool, progress: bo
         {"model": "SASRec (ID only)", "preference": "-", **rank_metrics(r, KS_RECALL, KS_NDCG), "train_s": sas_s}
     )
 
-    t = time.perf_counter()
-    trm, log = train_trm(dataset, config, encoder, progress=progress)
-    trm_s = time.perf_counter() - t
+    # the environment's TRM: trained once and cached, so the env and this table use the same model
+    trm = load_or_train_trm(dataset, config, encoder, progress=progress)
+    log = json.loads((trm_cache_path(dataset, config, encoder) / "config.json").read_text())["train_log"]
+    trm_s = log["seconds"]
     if save_dir is not None:
         save_trm(trm, save_dir, dataset, {"train_log": log})
     prefs = {

@@ -153,6 +153,9 @@ class EnvConfig:
     """Never return an item already retrieved in this episode (the reference does not de-duplicate)."""
     mask_history: bool = False
     """Never retrieve the user's history items (the reference does not mask them)."""
+    allow_empty_preference: bool = False
+    """Accept an empty preference as a TRM call without a preference (the reference treats it as an
+    invalid action). The evaluation harness turns it on so that the TRM-only agent can call the TRM."""
     invalid_action: Literal["end", "feedback"] = "end"
     """``end``: an invalid segment ends the episode (reference). ``feedback``: it is rejected with a
     corrective message and ``format = -1`` for that step, and the episode goes on."""
@@ -354,7 +357,7 @@ class DeepRecEnv(gym.Env[str, str]):
         if not isinstance(action, str):
             raise TypeError(f"action must be str, got {type(action).__name__}")
         ep, cfg = self.episode, self.config
-        act = parse(action, cfg.protocol)
+        act = parse(action, cfg.protocol, allow_empty=cfg.allow_empty_preference)
         if act.kind == "call":
             if ep.n_calls >= cfg.max_calls:
                 ep.add("policy", action)
@@ -369,7 +372,7 @@ class DeepRecEnv(gym.Env[str, str]):
             if cfg.mask_history:
                 excl.append(self._full_history)
             exclude = np.unique(np.concatenate(excl)) if excl else None
-            return RetrievalRequest(self._trm_history, act.preference, exclude)
+            return RetrievalRequest(self.trm_history, act.preference, exclude)
         if act.kind == "answer":
             ep.add("policy", action)
             ep.answer = act
@@ -461,6 +464,11 @@ class DeepRecEnv(gym.Env[str, str]):
             format_errors=list(ep.format_errors),
         )
         return "", self._weighted(comps), terminated, not terminated, info
+
+    @property
+    def trm_history(self) -> np.ndarray:
+        """The current user's history as the TRM reads it (its last ``max_len`` items)."""
+        return self._trm_history
 
     def render(self) -> str | None:
         """The transcript so far (``render_mode="ansi"``)."""

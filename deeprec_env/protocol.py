@@ -93,8 +93,11 @@ class Action:
     """Why the segment is invalid (empty for valid ones)."""
 
 
-def parse(text: str, p: ProtocolConfig) -> Action:
-    """Classify one segment as a call, an answer or an invalid action; never raises on a ``str``."""
+def parse(text: str, p: ProtocolConfig, *, allow_empty: bool = False) -> Action:
+    """Classify one segment as a call, an answer or an invalid action; never raises on a ``str``.
+
+    ``allow_empty`` accepts an empty preference as a call without a preference (the reference rejects it).
+    """
     if not isinstance(text, str):
         raise TypeError(f"action must be str, got {type(text).__name__}")
     if len(text) > p.max_segment_chars:
@@ -131,7 +134,7 @@ def parse(text: str, p: ProtocolConfig) -> Action:
             return Action("invalid", errors=tuple(errors))
         raw = text[text.index(p.call_open) + len(p.call_open) : text.index(p.call_close)]
         pref = normalise_preference(raw)
-        if not pref:
+        if not pref and not allow_empty:
             return Action("invalid", errors=("empty preference",))
         if any(t in pref for t in p.tags):
             return Action("invalid", errors=("tag text inside the preference",))
@@ -356,3 +359,35 @@ def check_format(ep: Episode, p: ProtocolConfig, k: int) -> list[str]:
         if not outside.isascii() and _CJK.search(outside):
             errs.append("CJK characters in the response")
     return errs
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading environment text back (for scripted agents)
+
+_NUMBERED = re.compile(r"^(\d{1,4})\. (.*)$")
+
+
+def read_items(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    r"""``(title, categories)`` of every numbered item in an item list or a prompt's history block.
+
+    >>> read_items("1. Heat (1995)\n  - categories: Crime, Thriller\n2. Babe (1995)")
+    [('Heat (1995)', ('Crime', 'Thriller')), ('Babe (1995)', ())]
+    """
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for line in text[:2_000_000].split("\n"):
+        m = _NUMBERED.match(line)
+        if m:
+            out.append((m.group(2).strip(), ()))
+        elif line.strip().startswith("- categories:") and out:
+            cats = tuple(c.strip() for c in line.split(":", 1)[1].split(",") if c.strip())
+            out[-1] = (out[-1][0], cats)
+    return out
+
+
+def history_block(prompt: str) -> str:
+    """The user's history part of a base or chat prompt."""
+    for start, end in (("\nUser:\n", "\n\nAssistant:"), ("User interaction history:\n", None)):
+        if start in prompt:
+            block = prompt.rsplit(start, 1)[1]
+            return block.split(end, 1)[0] if end and end in block else block
+    return ""

@@ -303,6 +303,41 @@ def evaluate_ranks(
     return np.concatenate(ranks)
 
 
+@dataclass
+class _PreferenceSampler:
+    """Draws a training preference for each target: a bank row (0 = none) per position."""
+
+    bank: torch.Tensor
+    offsets: np.ndarray
+    index: np.ndarray
+    prob: float
+
+    def sample(self, targets: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n_cand = np.diff(self.offsets)[targets]
+        give = (rng.random(len(targets)) < self.prob) & (n_cand > 0)
+        pick = self.offsets[targets] + (rng.random(len(targets)) * np.maximum(n_cand, 1)).astype(np.int64)
+        rows = np.where(give, self.index[np.minimum(pick, len(self.index) - 1)] + 1, 0)
+        device = self.bank.device
+        return self.bank[torch.as_tensor(rows, device=device)], torch.as_tensor(give, device=device)
+
+
+def _train_step(model: PreferenceTRM, batch: torch.Tensor, sampler, rng, config: TRMConfig) -> torch.Tensor:
+    """Next-item cross-entropy over the catalogue at every non-padding position of a window batch."""
+    inp, tgt = batch[:, :-1], batch[:, 1:]
+    valid = (tgt > 0) & (inp > 0)
+    h, tgt = model.hidden(inp)[valid], tgt[valid]
+    pref = has = None
+    if sampler is not None:
+        pref, has = sampler.sample(tgt.cpu().numpy(), rng)
+    u = model.fuse(h, pref, has)
+    if config.score == "cosine":
+        logits = nn.functional.normalize(u, dim=-1) @ model.item_vectors().T / config.temperature
+    else:
+        logits = u @ model.item_vectors().T
+    logits[:, 0] = -torch.inf
+    return nn.functional.cross_entropy(logits, tgt)
+
+
 def train_trm(
     dataset: RecDataset,
     config: TRMConfig = TRMConfig(),
@@ -312,6 +347,11 @@ def train_trm(
     progress: bool = True,
 ) -> tuple[PreferenceTRM, dict]:
     """Train a :class:`PreferenceTRM` on ``dataset.train_sequences()``; early stopping on valid NDCG@10.
+
+    Same seed, same model: initialisation, dropout, window shifts and preference sampling draw from
+    generators seeded by ``config.seed`` (the caller's global torch generator is forked, not touched),
+    and deterministic kernels are switched on for the duration (multi-threaded embedding backward on
+    a CPU is not deterministic otherwise).
 
     Args:
         dataset: the dataset (its valid split is used for early stopping).
@@ -332,72 +372,61 @@ def train_trm(
     from deeprec_env.embed import TextEncoder, item_text_embeddings
 
     t0 = time.perf_counter()
-    needs_encoder = text_emb is None or (config.use_preference and config.preference_prob > 0)
-    if encoder is None and needs_encoder:
+    use_pref = config.use_preference and config.preference_prob > 0
+    if encoder is None and (text_emb is None or use_pref):
         encoder = TextEncoder(device=config.device)
     if text_emb is None:
         text_emb = item_text_embeddings(dataset.catalog, encoder)
     device = torch.device(config.device)
-    use_pref = config.use_preference and config.preference_prob > 0
+    sampler = None
     if use_pref:
-        bank_texts, bank_off, bank_idx = preference_bank(dataset)
-        bank = torch.as_tensor(encoder.encode(bank_texts) if bank_texts else np.zeros((0, text_emb.shape[1])))
+        texts, offsets, index = preference_bank(dataset)
+        bank = torch.as_tensor(encoder.encode(texts) if texts else np.zeros((0, text_emb.shape[1]), np.float32))
         bank = torch.cat([torch.zeros(1, text_emb.shape[1]), bank.float()]).to(device)  # row 0 = none
-        n_cand = np.diff(bank_off)
+        sampler = _PreferenceSampler(bank, offsets, index, config.preference_prob)
 
     rng = np.random.default_rng(config.seed)
     seqs = dataset.train_sequences()
     log: dict = {"epochs": [], "config": asdict(config)}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = PreferenceTRM(config, torch.as_tensor(text_emb)).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        best, best_state, bad = -1.0, None, 0
-        bar = tqdm(range(config.max_epochs), desc=f"TRM {dataset.name}", disable=not progress, unit="epoch")
-        for epoch in bar:
-            model.train()
-            win = _windows(seqs, config.max_len, rng)
-            win = win[rng.permutation(len(win))]
-            total, count = 0.0, 0
-            for s in range(0, len(win), config.batch_size):
-                batch = torch.as_tensor(win[s : s + config.batch_size], device=device)
-                inp, tgt = batch[:, :-1], batch[:, 1:]
-                h = model.hidden(inp)
-                valid = (tgt > 0) & (inp > 0)
-                h, tgt = h[valid], tgt[valid]
-                pref = has = None
-                if use_pref:
-                    t_np = tgt.cpu().numpy()
-                    give = (rng.random(len(t_np)) < config.preference_prob) & (n_cand[t_np] > 0)
-                    pick = bank_off[t_np] + (rng.random(len(t_np)) * np.maximum(n_cand[t_np], 1)).astype(np.int64)
-                    rows = np.where(give, bank_idx[np.minimum(pick, len(bank_idx) - 1)] + 1, 0)
-                    pref = bank[torch.as_tensor(rows, device=device)]
-                    has = torch.as_tensor(give, device=device)
-                u = model.fuse(h, pref, has)
-                if config.score == "cosine":
-                    logits = nn.functional.normalize(u, dim=-1) @ model.item_vectors().T / config.temperature
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = PreferenceTRM(config, torch.as_tensor(text_emb)).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+            best, best_state, bad = -1.0, None, 0
+            bar = tqdm(range(config.max_epochs), desc=f"TRM {dataset.name}", disable=not progress, unit="epoch")
+            for epoch in bar:
+                model.train()
+                win = _windows(seqs, config.max_len, rng)
+                win = win[rng.permutation(len(win))]
+                total, count = 0.0, 0
+                for s in range(0, len(win), config.batch_size):
+                    batch = torch.as_tensor(win[s : s + config.batch_size], device=device)
+                    loss = _train_step(model, batch, sampler, rng, config)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                    opt.step()
+                    n = int(((batch[:, 1:] > 0) & (batch[:, :-1] > 0)).sum())
+                    total, count = total + float(loss.detach()) * n, count + n
+                ndcg = ndcg_at_k(evaluate_ranks(model, dataset, "valid"), 10)
+                log["epochs"].append({"epoch": epoch, "loss": total / max(count, 1), "valid_ndcg@10": ndcg})
+                bar.set_postfix(
+                    loss=f"{total / max(count, 1):.3f}", ndcg10=f"{ndcg:.4f}", best=f"{max(best, ndcg):.4f}"
+                )
+                if ndcg > best:
+                    best, bad = ndcg, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
-                    logits = u @ model.item_vectors().T
-                logits[:, 0] = -torch.inf
-                loss = nn.functional.cross_entropy(logits, tgt)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                opt.step()
-                total += float(loss.detach()) * len(tgt)
-                count += len(tgt)
-            ndcg = ndcg_at_k(evaluate_ranks(model, dataset, "valid"), 10)
-            log["epochs"].append({"epoch": epoch, "loss": total / max(count, 1), "valid_ndcg@10": ndcg})
-            bar.set_postfix(loss=f"{total / max(count, 1):.3f}", ndcg10=f"{ndcg:.4f}", best=f"{max(best, ndcg):.4f}")
-            if ndcg > best:
-                best, bad = ndcg, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-            out_of_time = config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds
-            if bad >= config.patience or out_of_time:
-                break
-        model.load_state_dict(best_state)
+                    bad += 1
+                out_of_time = config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds
+                if bad >= config.patience or out_of_time:
+                    break
+            model.load_state_dict(best_state)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     model = model.to(dtype=config.torch_dtype).eval()
     log.update(best_valid_ndcg10=best, seconds=time.perf_counter() - t0, epochs_run=len(log["epochs"]))
     return model, log
@@ -464,14 +493,23 @@ def load_trm(
     return model.to(device=config.device, dtype=config.torch_dtype).eval()
 
 
+def trm_cache_path(dataset: RecDataset, config: TRMConfig, encoder) -> Path:
+    """Where :func:`load_or_train_trm` keeps the TRM of (dataset, config, text encoder)."""
+    enc_id = encoder.id
+    key_cfg = {k: v for k, v in asdict(config).items() if k not in ("device", "dtype")}
+    key = hashlib.sha256(json.dumps([dataset.fingerprint, key_cfg, enc_id], sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "trm" / f"{dataset.name.replace(':', '_')}-{key[:16]}"
+
+
 def load_or_train_trm(
     dataset: RecDataset, config: TRMConfig = TRMConfig(), encoder=None, *, progress: bool = True
 ) -> PreferenceTRM:
     """The TRM for ``dataset`` and ``config`` from the cache, training and caching it on first use."""
-    enc_id = encoder.id if encoder is not None else "minilm"
-    key_cfg = {k: v for k, v in asdict(config).items() if k not in ("device", "dtype")}
-    key = hashlib.sha256(json.dumps([dataset.fingerprint, key_cfg, enc_id], sort_keys=True).encode()).hexdigest()
-    path = cache_dir() / "trm" / f"{dataset.name.replace(':', '_')}-{key[:16]}"
+    if encoder is None:
+        from deeprec_env.embed import TextEncoder
+
+        encoder = TextEncoder(device=config.device)
+    path = trm_cache_path(dataset, config, encoder)
     if (path / "config.json").is_file():
         try:
             return load_trm(path, dataset, device=config.device, dtype=config.dtype)

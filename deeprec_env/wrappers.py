@@ -31,13 +31,17 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
     Args:
         n_facets: facets offered as actions (the most frequent categories of the catalogue).
         render_mode: ``"ansi"`` renders the underlying text transcript.
+        text_env: view this existing text environment instead of building one (an agent evaluated in
+            the text harness uses this).
         **kwargs: forwarded to :class:`~deeprec_env.env.DeepRecEnv` (dataset, stage, ...).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
-    def __init__(self, n_facets: int = 16, render_mode: str | None = None, **kwargs: Any) -> None:
-        self.text_env = DeepRecEnv(render_mode=render_mode, **kwargs)
+    def __init__(
+        self, n_facets: int = 16, render_mode: str | None = None, text_env: DeepRecEnv | None = None, **kwargs: Any
+    ) -> None:
+        self.text_env = text_env if text_env is not None else DeepRecEnv(render_mode=render_mode, **kwargs)
         self.render_mode = render_mode
         cats = self.text_env.catalog.all_categories
         if n_facets < 1:
@@ -51,6 +55,11 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
         self.observation_space = spaces.Box(0.0, 1.0, shape=(2 * self.n_facets + 3,), dtype=np.float32)
         self._k = self.text_env.config.answer_k
         self._calls = self.text_env.config.max_calls
+        self._queried = np.zeros(self.n_facets, np.float32)
+
+    def observe(self) -> np.ndarray:
+        """The numeric observation of the text environment's current episode."""
+        return self._obs()
 
     def _obs(self) -> np.ndarray:
         env = self.text_env
@@ -76,7 +85,7 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
         ep = env.episode
         pool = list(dict.fromkeys(int(i) for ids in ep.retrieved for i in ids))
         if pool:
-            q = env.res.retriever.user_vectors([env._trm_history])[0]
+            q = env.res.retriever.user_vectors([env.trm_history])[0]
             scores = env.res.score_vecs[pool] @ q
             pool = [pool[j] for j in np.argsort(-scores, kind="stable")]
         lines = "\n".join(f"{n}. {env.catalog.titles[i]}" for n, i in enumerate(pool[: self._k], start=1))
@@ -84,18 +93,20 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
         reasoning = "Ranking the retrieved items by the recommender's score."
         return f"{reasoning}\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}"
 
-    def step(self, action):
-        """Query facet ``action`` or finish (``action == n_facets``)."""
+    def action_text(self, action) -> str:
+        """The protocol segment for ``action``: a facet call, or the final answer."""
         if not self.action_space.contains(np.int64(action)):
             raise ValueError(f"action={action!r}; must be an int in 0..{self.n_facets}")
         a = int(action)
-        p = self.text_env.config.protocol
         if a == self.n_facets:
-            text = self._answer()
-        else:
-            self._queried[a] = 1.0
-            text = f"Exploring the {self.facets[a]} facet. {p.call_open} {self.facets[a]} {p.call_close}"
-        _, reward, terminated, truncated, info = self.text_env.step(text)
+            return self._answer()
+        self._queried[a] = 1.0
+        p = self.text_env.config.protocol
+        return f"Exploring the {self.facets[a]} facet. {p.call_open} {self.facets[a]} {p.call_close}"
+
+    def step(self, action):
+        """Query facet ``action`` or finish (``action == n_facets``)."""
+        _, reward, terminated, truncated, info = self.text_env.step(self.action_text(action))
         return self._obs(), reward, terminated, truncated, info
 
     def render(self) -> str | None:

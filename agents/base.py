@@ -1,0 +1,127 @@
+"""The policy interface and the episode loop shared by every agent.
+
+A policy turns the newest observation of an episode into the next text segment. Per-episode state
+lives in an object the policy returns from :meth:`Policy.start`, so one policy can drive many
+episodes at once (:meth:`Policy.act_batch`), which is how the LLM policy batches generation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from deeprec_env.env import DeepRecEnv
+
+
+class Policy:
+    """Base class: override :meth:`act` (scripted agents) or :meth:`act_batch` (batched agents)."""
+
+    name: str = "policy"
+    """Label used in result tables."""
+    privileged: bool = False
+    """True when the policy reads information an agent would not have (e.g. the target)."""
+
+    def start(self, env: DeepRecEnv, obs: str, info: dict) -> Any:
+        """Begin an episode; return its state (default: a dict holding the env, prompt and info)."""
+        return {"env": env, "prompt": obs, "info": info}
+
+    def act(self, state: Any, obs: str) -> str:
+        """The next segment for one episode, given its newest observation."""
+        raise NotImplementedError
+
+    def act_batch(self, states: list[Any], observations: list[str]) -> list[str]:
+        """The next segment of several episodes (default: one :meth:`act` each)."""
+        return [self.act(s, o) for s, o in zip(states, observations, strict=True)]
+
+    def tokens(self, state: Any) -> int:
+        """Tokens the policy generated in this episode (0 for scripted agents)."""
+        return 0
+
+
+@dataclass
+class EpisodeRecord:
+    """What one episode produced: the per-episode line of an evaluation's JSON lines file."""
+
+    agent: str
+    user: int
+    user_id: str
+    target: int
+    answer_ids: list
+    rank: int
+    metrics: dict
+    reward: float
+    reward_components: dict
+    calls: int
+    tokens: int
+    seconds: float
+    hallucinated: int
+    seen: int
+    duplicates: int
+    format_errors: list
+    invalid_segments: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def run_episodes(
+    policy: Policy, envs: list[DeepRecEnv], options: list[dict], *, max_steps: int = 64
+) -> list[EpisodeRecord]:
+    """Run one episode per (env, options) pair in lock step, so a batched policy generates for all at once."""
+    if len(envs) != len(options):
+        raise ValueError(f"{len(envs)} envs for {len(options)} option dicts")
+    t0 = time.perf_counter()
+    states, obs, infos = [], [], []
+    for env, opt in zip(envs, options, strict=True):
+        o, info = env.reset(options=opt)
+        states.append(policy.start(env, o, info))
+        obs.append(o)
+        infos.append(info)
+    totals = [0.0] * len(envs)
+    finals: list[dict | None] = [None] * len(envs)
+    invalid = [0] * len(envs)
+    active = list(range(len(envs)))
+    for _ in range(max_steps):
+        if not active:
+            break
+        actions = policy.act_batch([states[i] for i in active], [obs[i] for i in active])
+        still = []
+        for i, action in zip(active, actions, strict=True):
+            o, r, term, trunc, info = envs[i].step(action)
+            totals[i] += r
+            invalid[i] += not info["is_action_valid"]
+            obs[i] = o
+            if term or trunc:
+                finals[i] = info
+            else:
+                still.append(i)
+        active = still
+    for i in active:  # a policy that never ends its episodes: end them with an invalid segment
+        o, r, term, trunc, info = envs[i].step("")
+        totals[i] += r
+        finals[i] = info
+    seconds = (time.perf_counter() - t0) / max(1, len(envs))
+    records = []
+    for i, env in enumerate(envs):
+        f = finals[i]
+        records.append(
+            EpisodeRecord(
+                agent=policy.name,
+                user=infos[i]["user"],
+                user_id=infos[i]["user_id"],
+                target=f["target"],
+                answer_ids=f["answer_ids"],
+                rank=f["rank"],
+                metrics=f["metrics"],
+                reward=totals[i],
+                reward_components=f["reward_components"],
+                calls=env.episode.n_calls,
+                tokens=policy.tokens(states[i]),
+                seconds=seconds,
+                hallucinated=f["hallucinated"],
+                seen=f["seen"],
+                duplicates=f["duplicates"],
+                format_errors=f["format_errors"],
+                invalid_segments=invalid[i],
+            )
+        )
+    return records

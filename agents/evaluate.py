@@ -1,0 +1,187 @@
+"""One evaluation entry point: agents x dataset x split x users -> JSON lines records and a summary.
+
+    python -m agents.evaluate --agents trm-only,oracle-preference --users 200
+    python -m agents.evaluate --agents llm --llm-users 16 --model smollm2
+
+Every agent plays the same episodes (the first ``users`` examples of a permutation of the split
+seeded by ``--seed``; LLM agents the first ``llm_users`` of them) in the same environment
+configuration, so their numbers are comparable. The environment accepts an empty preference here
+(``allow_empty_preference``) so that the TRM-only agent can call the TRM without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agents.base import EpisodeRecord, Policy, run_episodes
+from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
+
+METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """Settings of an evaluation run (the CLI is generated from these fields)."""
+
+    agents: str = "random,popularity,trm-only,history-facet,oracle-preference"
+    """Comma-separated agent names: random, popularity, trm-only, history-facet, oracle-preference,
+    llm (the LLM policy zero-shot), sb3-ppo (needs --sb3-model)."""
+    dataset: str = "ml-100k"
+    """Dataset name (see deeprec_env.data.load_dataset)."""
+    dataset_path: str | None = None
+    """File or folder for datasets other than ml-100k."""
+    split: str = "test"
+    """train, valid or test."""
+    users: int | None = None
+    """Episodes per scripted agent (None: every user of the split)."""
+    llm_users: int = 16
+    """Episodes per LLM agent (the first of the same user order)."""
+    batch_size: int = 8
+    """Episodes run in lock step (the LLM generates for all of them at once)."""
+    model: str = "smollm2"
+    """LLM: 'smollm2' (embedded SmolLM2-135M-Instruct), a hub id or a local path."""
+    device: str = "cpu"
+    """Torch device for the LLM."""
+    dtype: str = "float32"
+    """Torch dtype for the LLM."""
+    max_new_tokens: int = 256
+    """LLM tokens per segment."""
+    sb3_model: str | None = None
+    """Path of a saved stable-baselines3 PPO model for the sb3-ppo agent."""
+    seed: int = 0
+    """Seed of the user order and of sampling agents."""
+    out: str = "runs/eval"
+    """Folder for <agent>.jsonl, summary.json and summary.md."""
+
+
+def episode_options(n_examples: int, users: int | None, seed: int) -> list[dict]:
+    """The shared episode order: ``{"example": j}`` for the first ``users`` of a seeded permutation."""
+    order = np.random.default_rng(seed).permutation(n_examples)
+    return [{"example": int(j)} for j in order[: users or n_examples]]
+
+
+def evaluate_agent(
+    policy: Policy, env_kwargs: dict, options: list[dict], *, batch_size: int = 8, progress: bool = True
+) -> list[EpisodeRecord]:
+    """Run ``policy`` on every episode of ``options`` (``batch_size`` at a time, in lock step)."""
+    from tqdm.auto import tqdm
+
+    kwargs = {**env_kwargs, "allow_empty_preference": True}
+    envs = [DeepRecEnv(**kwargs) for _ in range(batch_size)]
+    records: list[EpisodeRecord] = []
+    with tqdm(total=len(options), desc=policy.name, disable=not progress, unit="ep") as bar:
+        for s in range(0, len(options), batch_size):
+            chunk = options[s : s + batch_size]
+            records.extend(run_episodes(policy, envs[: len(chunk)], chunk))
+            bar.update(len(chunk))
+    return records
+
+
+def summarize(records: list[EpisodeRecord]) -> dict:
+    """Means over episodes: metrics, calls, tokens, seconds, format failures and answer-line rates."""
+    n = len(records)
+    lines = max(1, sum(len(r.answer_ids) for r in records))
+    out = {"agent": records[0].agent if records else "", "episodes": n}
+    for m in METRICS:
+        out[m] = float(np.mean([r.metrics[m] for r in records])) if n else 0.0
+    out.update(
+        reward=float(np.mean([r.reward for r in records])) if n else 0.0,
+        calls=float(np.mean([r.calls for r in records])) if n else 0.0,
+        tokens=float(np.mean([r.tokens for r in records])) if n else 0.0,
+        seconds=float(np.mean([r.seconds for r in records])) if n else 0.0,
+        format_fail=float(np.mean([bool(r.format_errors) for r in records])) if n else 0.0,
+        hallucinated=sum(r.hallucinated for r in records) / lines,
+        seen=sum(r.seen for r in records) / lines,
+    )
+    return out
+
+
+def make_policy(name: str, args: EvalArgs) -> Policy:
+    """Build an agent by name."""
+    from agents.baselines import BASELINES
+
+    if name in BASELINES:
+        cls = BASELINES[name]
+        return cls(seed=args.seed) if name == "random" else cls()
+    if name == "llm":
+        from agents.llm import LLMPolicy
+
+        return LLMPolicy(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    if name == "sb3-ppo":
+        from agents.sb3 import SB3Policy
+
+        if not args.sb3_model:
+            raise ValueError("agent sb3-ppo needs --sb3-model <path of a saved PPO model>")
+        return SB3Policy(args.sb3_model)
+    raise ValueError(f"unknown agent {name!r}; known: {[*BASELINES, 'llm', 'sb3-ppo']}")
+
+
+def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -> dict:
+    """Evaluate every agent of ``args``; write JSON lines per agent plus summary.json / summary.md."""
+    env_kwargs = {"dataset": args.dataset, "dataset_path": args.dataset_path, "split": args.split,
+                  **(env_kwargs or {})}  # fmt: skip
+    res = get_resources(EnvConfig(**env_kwargs), progress=progress)
+    n_examples = len(res.dataset.split(args.split))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for name in [a.strip() for a in args.agents.split(",") if a.strip()]:
+        policy = make_policy(name, args)
+        users = args.llm_users if name == "llm" else args.users
+        options = episode_options(n_examples, users, args.seed)
+        t = time.perf_counter()
+        records = evaluate_agent(policy, env_kwargs, options, batch_size=args.batch_size, progress=progress)
+        with open(out / f"{name}.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(asdict(r), default=int) + "\n")
+        s = summarize(records)
+        s.update(agent=name, privileged=policy.privileged, wall_s=time.perf_counter() - t)
+        summaries.append(s)
+    config = EnvConfig(**{**env_kwargs, "allow_empty_preference": True})
+    protocol = {
+        "dataset": f"{res.dataset.name} ({res.dataset.n_users} users, {res.dataset.n_items} items)",
+        "split": f"{args.split} (leave-one-out by time)",
+        "users": f"first {args.users or n_examples} of a permutation seeded {args.seed}; LLM agents the first "
+        f"{args.llm_users}",
+        "ranking": "the agent's 10-line answer grounded to catalogue ids; a failed or malformed episode is a miss",
+        "history items": "masked" if config.mask_history else "not masked",
+        "retrieval": f"top-{config.retrieval_k} per call, dedup {config.dedup_retrieved}, budget {config.max_calls}",
+        "k": config.answer_k,
+        "seed": args.seed,
+    }
+    result = {"protocol": protocol, "args": asdict(args), "env": _plain(asdict(config)), "summaries": summaries}
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x if isinstance(x, str | int | float | bool | type(None)) else str(x)
+
+
+def main(argv=None) -> None:
+    """CLI built from :class:`EvalArgs`."""
+    from deeprec_env.cli import add_dataclass_args, from_args
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(ap, EvalArgs)
+    args = from_args(EvalArgs, ap.parse_args(argv))
+    result = run(args)
+    cols = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds"]
+    print(" | ".join(cols))
+    for s in result["summaries"]:
+        print(" | ".join(f"{s[c]:.4f}" if isinstance(s[c], float) else str(s[c]) for c in cols))
+    print(json.dumps(result["protocol"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

