@@ -1,14 +1,116 @@
-"""The main job on the embedded default (``make demo``).
+"""The main job (``make demo``): every agent on the same ml-100k test users, under one protocol.
 
-For now it loads MovieLens-100k from the installed ``recbole`` package and prints its summary;
-the agent comparison replaces it once the environment and agents exist.
+Agents: random, popularity, TRM only, history-facet, oracle preference (privileged upper bound),
+PPO from stable-baselines3 on the numeric view (trained here briefly, or loaded with --sb3-model),
+the SmolLM2-135M-Instruct policy zero-shot (on a fixed subset of users), and a trained LLM checkpoint
+when --checkpoint is given. Prints the table with its protocol and writes JSON, markdown and a PNG.
+
+    python -m benchmarks.main                         # ~7 min on a 2-core CPU, first run included
+    python -m benchmarks.main --users 200 --llm-users 8 --device cuda --model Qwen/Qwen2.5-0.5B-Instruct
 """
 
-from deeprec_env.data import load_dataset
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from agents.evaluate import METRICS, EvalArgs, run
+from benchmarks.common import RESULTS, environment, markdown_table, protocol_text, write_results
+
+COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds"]
 
 
-def main() -> None:
-    print(load_dataset("ml-100k").summary())
+def plot(summaries: list[dict], path: Path, title: str) -> None:
+    """Bar chart of NDCG@10 and Recall@10 per agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["agent"] + ("*" if s.get("privileged") else "") for s in summaries]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    ax.bar([i - 0.2 for i in x], [s["ndcg@10"] for s in summaries], width=0.4, label="NDCG@10")
+    ax.bar([i + 0.2 for i in x], [s["recall@10"] for s in summaries], width=0.4, label="Recall@10")
+    ax.set_xticks(list(x), names, rotation=20, ha="right")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="ml-100k")
+    ap.add_argument("--dataset-path", default=None)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--users", type=int, default=None, help="episodes per scripted agent (default: all users)")
+    ap.add_argument("--llm-users", type=int, default=16, help="episodes for LLM agents (fixed subset)")
+    ap.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a hub id or a local path")
+    ap.add_argument("--checkpoint", default=None, help="a trained LLM checkpoint to add to the comparison")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--sb3-model", default=None, help="saved PPO model (default: train one briefly)")
+    ap.add_argument("--sb3-timesteps", type=int, default=3000)
+    ap.add_argument("--no-llm", action="store_true", help="skip the LLM agents")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--runs", default="runs/main", help="folder for per-episode JSON lines")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+
+    sb3_model = args.sb3_model
+    sb3_note = f"loaded from {sb3_model}"
+    if sb3_model is None:
+        from agents.sb3 import PPOArgs, train_ppo
+
+        sb3_model = str(Path(args.runs) / "sb3-ppo.zip")
+        Path(args.runs).mkdir(parents=True, exist_ok=True)
+        ppo = PPOArgs(timesteps=args.sb3_timesteps, dataset=args.dataset, seed=args.seed, out=sb3_model)
+        print(f"training PPO on DeepRecNumeric-v0 (train split) for {ppo.timesteps} steps ...", flush=True)
+        train_ppo(ppo, env_kwargs={"dataset_path": args.dataset_path})
+        sb3_note = f"PPO, {ppo.timesteps} steps on the train split, n_steps {ppo.n_steps}, seed {ppo.seed}"
+
+    agents = ["random", "popularity", "trm-only", "history-facet", "oracle-preference", "sb3-ppo"]
+    if not args.no_llm:
+        agents.append("llm")
+    base = EvalArgs(
+        agents=",".join(agents), dataset=args.dataset, dataset_path=args.dataset_path, split=args.split,
+        users=args.users, llm_users=args.llm_users, batch_size=args.batch_size, model=args.model,
+        device=args.device, dtype=args.dtype, sb3_model=sb3_model, seed=args.seed, out=args.runs,
+    )  # fmt: skip
+    result = run(base, env_kwargs={"prompt": "chat"})
+    summaries = result["summaries"]
+    if args.checkpoint and not args.no_llm:
+        extra = run(replace(base, agents="llm", model=args.checkpoint, out=str(Path(args.runs) / "checkpoint")),
+                    env_kwargs={"prompt": "chat"})  # fmt: skip
+        extra["summaries"][0]["agent"] = f"llm:{Path(args.checkpoint).name}"
+        summaries += extra["summaries"]
+    protocol = {
+        **result["protocol"],
+        "prompt": "chat variant (the LLM applies its chat template); scripted agents read the same text",
+        "LLM": f"{args.model} zero-shot, greedy, {args.llm_users} users (the first of the same order), "
+        f"device {args.device}, dtype {args.dtype}"
+        if not args.no_llm
+        else "skipped",
+        "sb3-ppo": sb3_note,
+        "privileged": "oracle-preference reads the target's categories: an upper bound, not an agent",
+    }
+    table = markdown_table(summaries, COLUMNS)
+    title = f"{args.dataset} {args.split}, full catalogue, leave-one-out, seed {args.seed}"
+    text = f"## Agent comparison\n\n{table}\n\nProtocol:\n{protocol_text(protocol)}\n"
+    print(text)
+    out = Path(args.out or RESULTS)
+    payload = {"benchmark": "main", "protocol": protocol, **environment(), "summaries": summaries,
+               "args": vars(args), "env": result["env"], "seconds": time.perf_counter() - t0}  # fmt: skip
+    js, md = write_results("main", payload, text, out)
+    plot(summaries, out / "main.png", title)
+    print(f"wrote {js}, {md} and {out / 'main.png'} in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -29,3 +29,11 @@ def test_env_speed_smoke(tmp_path, tiny_encoder_path, capsys):
     data = json.loads((tmp_path / "env_speed_smoke.json").read_text())
     assert data["steps_per_s_single"] > 0 and data["steps_per_s_vector"] > 0
     assert data["own_work"]["approx_tokens"] > 10_000
+
+
+def test_llm_speed_smoke(tiny_lm_path, env_kwargs, resources):
+    from agents.llm import LLMPolicy
+    from benchmarks.llm_speed import measure
+
+    rows = measure(LLMPolicy(str(tiny_lm_path), max_new_tokens=4), env_kwargs, episodes=2)
+    assert [r["episodes"] for r in rows] == [2, 2] and all(r["s/episode"] > 0 for r in rows)

@@ -71,3 +71,28 @@ def test_bad_arguments(tiny_lm_path):
         LLMPolicy(str(tiny_lm_path), dtype="int3")
     with pytest.raises(ValueError, match="tokenizer"):
         LLMPolicy(object())
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_caches_and_plays(make_env):
+    import time
+
+    import torch
+
+    from agents.llm import load_causal_lm
+
+    t = time.perf_counter()
+    policy = LLMPolicy("smollm2", max_new_tokens=8)
+    first = time.perf_counter() - t
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    assert 130e6 < n_params < 140e6
+    t = time.perf_counter()
+    model, tok = load_causal_lm("smollm2")  # from the dequantised cache
+    assert time.perf_counter() - t < first
+    ids = torch.as_tensor([tok("Hello there", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, policy.model(ids).logits, atol=1e-4)
+    assert tok.chat_template
+    env = make_env(prompt="chat")
+    records = run_episodes(policy, [env], [{"example": 0}])
+    assert records[0].tokens > 0

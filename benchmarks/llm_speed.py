@@ -1,0 +1,63 @@
+"""LLM policy speed: the same episodes generated one at a time and as one batch.
+
+python -m benchmarks.llm_speed                 # SmolLM2-135M on CPU, 8 ml-100k test users, ~2 min
+python -m benchmarks.llm_speed --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from agents.base import run_episodes
+from agents.evaluate import episode_options
+from agents.llm import LLMPolicy
+from benchmarks.common import environment, markdown_table, protocol_text, write_results
+from deeprec_env.env import DeepRecEnv
+
+
+def measure(policy: LLMPolicy, env_kwargs: dict, episodes: int, seed: int = 0) -> list[dict]:
+    """Seconds per episode and generated tokens/s, one episode at a time and as one batch."""
+    envs = [DeepRecEnv(**env_kwargs) for _ in range(episodes)]
+    options = episode_options(len(envs[0].split), episodes, seed)
+    rows = []
+    for mode, batch in (("one at a time", 1), (f"batch of {episodes}", episodes)):
+        t = time.perf_counter()
+        records = []
+        for s in range(0, episodes, batch):
+            records += run_episodes(policy, envs[s : s + batch], options[s : s + batch])
+        wall = time.perf_counter() - t
+        tokens = sum(r.tokens for r in records)
+        rows.append({"mode": mode, "episodes": len(records), "s/episode": wall / len(records),
+                     "generated tokens/s": tokens / wall, "tokens/episode": tokens / len(records)})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--episodes", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    policy = LLMPolicy(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    rows = measure(policy, {"prompt": "chat"}, args.episodes, args.seed)
+    protocol = {
+        "model": f"{args.model}, greedy, max {args.max_new_tokens} new tokens per segment",
+        "device": f"{args.device}, {args.dtype}",
+        "episodes": f"{args.episodes} ml-100k test users (seeded order {args.seed}), chat prompt, default env",
+        "note": "wall time includes prompt processing, generation and the environment",
+    }
+    text = f"## LLM policy speed\n\n{markdown_table(rows, list(rows[0]), fmt='{:.2f}')}\n\nProtocol:\n"
+    text += protocol_text(protocol) + "\n"
+    print(text)
+    write_results("llm_speed", {"benchmark": "llm_speed", "protocol": protocol, **environment(), "rows": rows},
+                  text, args.out)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
