@@ -38,6 +38,10 @@ class Policy:
         """Tokens the policy generated in this episode (0 for scripted agents)."""
         return 0
 
+    def describe(self, state: Any) -> dict:
+        """Extra per-episode data for the record (the LLM policy returns its generated segments)."""
+        return {}
+
 
 @dataclass
 class EpisodeRecord:
@@ -67,6 +71,13 @@ def run_episodes(
     policy: Policy, envs: list[DeepRecEnv], options: list[dict], *, max_steps: int = 64
 ) -> list[EpisodeRecord]:
     """Run one episode per (env, options) pair in lock step, so a batched policy generates for all at once."""
+    return play_episodes(policy, envs, options, max_steps=max_steps)[0]
+
+
+def play_episodes(
+    policy: Policy, envs: list[DeepRecEnv], options: list[dict], *, max_steps: int = 64
+) -> tuple[list[EpisodeRecord], list[Any]]:
+    """:func:`run_episodes` that also returns each episode's policy state (e.g. its token trajectory)."""
     if len(envs) != len(options):
         raise ValueError(f"{len(envs)} envs for {len(options)} option dicts")
     t0 = time.perf_counter()
@@ -122,6 +133,7 @@ def run_episodes(
                 duplicates=f["duplicates"],
                 format_errors=f["format_errors"],
                 invalid_segments=invalid[i],
+                extra=policy.describe(states[i]),
             )
         )
-    return records
+    return records, states

@@ -182,6 +182,10 @@ class LLMPolicy(Policy):
         """Tokens generated in the episode."""
         return int(sum(state["traj"].policy_mask))
 
+    def describe(self, state: dict) -> dict:
+        """The generated segments, for the episode record."""
+        return {"segments": list(state["traj"].segments)}
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

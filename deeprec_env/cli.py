@@ -12,10 +12,15 @@ import typing
 from collections.abc import Sequence
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one ``--field-name`` option per field of dataclass ``cls`` (defaults from the class)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
+    """Add one ``--field-name`` option per scalar field of dataclass ``cls`` (defaults from the class).
+
+    Fields in ``skip`` and fields of other types (tuples, nested configs) keep their defaults.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         hint = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         if hint is bool:
@@ -24,12 +29,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, choices=typing.get_args(hint), default=f.default)
         else:
             args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-            parser.add_argument(flag, type=args[0], default=f.default)
+            if args[0] in (int, float, str):
+                parser.add_argument(flag, type=args[0], default=f.default)
 
 
-def from_args(cls, ns: argparse.Namespace):
+def from_args(cls, ns: argparse.Namespace, defaults_for: Sequence[str] = ()):
     """Build dataclass ``cls`` from parsed options (its ``__post_init__`` validates them)."""
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+                  if f.name not in defaults_for and hasattr(ns, f.name)})  # fmt: skip
 
 
 def _parse_bool(text: str) -> bool:

@@ -1,0 +1,89 @@
+"""Grouped multi-turn rollouts: G sampled episodes per user, with token ids, loss masks and rewards.
+
+The loss mask of a trajectory is the LLM policy's ``policy_mask`` (1 for tokens it generated, 0 for
+the prompt and the item lists the environment inserted), recorded as tokens were appended: nothing is
+re-tokenised to find the inserted spans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agents.base import EpisodeRecord, play_episodes
+from agents.llm import LLMPolicy, Trajectory
+
+
+@dataclass
+class Rollout:
+    """One sampled episode, ready for a policy-gradient update."""
+
+    user: int
+    """Dataset user index (the group key)."""
+    trajectory: Trajectory
+    """Token ids, policy mask and sampling log-probs."""
+    record: EpisodeRecord
+    """Reward, components and metrics of the episode."""
+
+    @property
+    def reward(self) -> float:
+        """Total episode reward (the environment's weighted sum, given once per trajectory)."""
+        return self.record.reward
+
+
+def collect_rollouts(
+    policy: LLMPolicy, envs: list, users: list[int], group_size: int, *, batch_size: int | None = None
+) -> list[Rollout]:
+    """``group_size`` episodes for every user (same user, same reset options), generated in lock step.
+
+    Args:
+        policy: a sampling :class:`~agents.llm.LLMPolicy` (temperature > 0 for distinct samples).
+        envs: environments to run in parallel (their number caps the batch).
+        users: dataset user indices of the training split.
+        group_size: samples per user (G).
+        batch_size: episodes per lock-step batch (default: ``len(envs)``).
+
+    Returns:
+        Rollouts ordered user by user, ``group_size`` consecutive ones per user.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size}; must be >= 1")
+    batch = min(batch_size or len(envs), len(envs))
+    jobs = [u for u in users for _ in range(group_size)]
+    out: list[Rollout] = []
+    for s in range(0, len(jobs), batch):
+        chunk = jobs[s : s + batch]
+        records, states = play_episodes(policy, envs[: len(chunk)], [{"user": int(u)} for u in chunk])
+        out.extend(Rollout(int(u), st["traj"], rec) for u, st, rec in zip(chunk, states, records, strict=True))
+    return out
+
+
+def pad_batch(trajectories: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` (policy tokens) of trajectories."""
+    width = max(len(t.ids) for t in trajectories)
+    ids = torch.full((len(trajectories), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(trajectories), width), dtype=torch.long)
+    loss = torch.zeros((len(trajectories), width), dtype=torch.float32)
+    for r, t in enumerate(trajectories):
+        n = len(t.ids)
+        ids[r, :n] = torch.as_tensor(t.ids)
+        attn[r, :n] = 1
+        loss[r, :n] = torch.as_tensor(t.policy_mask, dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probability of every token given its prefix, ``(B, L)``; position 0 gets 0."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+
+
+def group_rewards(rollouts: list[Rollout], group_size: int) -> np.ndarray:
+    """``(n_users, group_size)`` reward matrix of rollouts ordered user by user."""
+    r = np.array([ro.reward for ro in rollouts], dtype=np.float64)
+    if len(r) % group_size:
+        raise ValueError(f"{len(r)} rollouts is not a multiple of group_size={group_size}")
+    return r.reshape(-1, group_size)
