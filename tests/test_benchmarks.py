@@ -37,3 +37,21 @@ def test_llm_speed_smoke(tiny_lm_path, env_kwargs, resources):
 
     rows = measure(LLMPolicy(str(tiny_lm_path), max_new_tokens=4), env_kwargs, episodes=2)
     assert [r["episodes"] for r in rows] == [2, 2] and all(r["s/episode"] > 0 for r in rows)
+
+
+def test_report_section_reproduces_result_files(tmp_path):
+    from benchmarks.report import section
+
+    (tmp_path / "trm_quality.md").write_text("## TRM quality\n\n| a |\n|---|\n| 1 |\n")
+    text = section(tmp_path)
+    assert "python -m benchmarks.trm_quality" in text and "### TRM quality" in text and "| 1 |" in text
+
+
+def test_readme_results_match_result_files():
+    from pathlib import Path
+
+    from benchmarks.report import END, START, section
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    current = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert current == section().strip(), "README results are stale: run python -m benchmarks.report"
