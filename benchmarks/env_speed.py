@@ -97,6 +97,44 @@ def scripted_steps(env_or_vec, n_envs: int, episodes: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
+def http_comparison(env: DeepRecEnv, kwargs: dict, episodes: int) -> dict:
+    """The same scripted episodes with the in-process retriever and with the TRM behind HTTP."""
+    import copy
+
+    from benchmarks.http_trm import HTTPRetriever, start_server
+
+    proc, port = start_server(kwargs)
+    try:
+        remote = HTTPRetriever(port, env.res.retriever.max_len)
+        res = copy.copy(env.res)
+        res.retriever = remote
+        http_env = DeepRecEnv(resources=res, **kwargs)
+        local_env = DeepRecEnv(resources=env.res, **kwargs)
+        local = scripted_steps(local_env, 1, episodes)
+        over_http = scripted_steps(http_env, 1, episodes)
+        sp = env.split
+        hist = [sp.history(i, env.res.retriever.max_len) for i in range(min(len(sp), 100))]
+        lat = {}
+        for name, r in (("inprocess", env.res.retriever), ("http", remote)):
+            ts = []
+            for i, h in enumerate(hist):
+                t = time.perf_counter()
+                r.retrieve([h], [f"comedy #{i % 7}"], 20)
+                ts.append(time.perf_counter() - t)
+            lat[name] = 1e3 * float(np.median(ts))
+        remote.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "steps_per_s_inprocess": local,
+        "steps_per_s_http": over_http,
+        "ratio_steps": local / over_http,
+        "call_p50_ms_inprocess": lat["inprocess"],
+        "call_p50_ms_http": lat["http"],
+    }
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-envs", type=int, default=16)
@@ -119,6 +157,8 @@ def main(argv=None) -> None:
     single = scripted_steps(gym.make("DeepRec-v0", **kwargs), 1, args.episodes)
     vec = gym.make_vec("DeepRec-v0", num_envs=args.num_envs, vectorization_mode="vector_entry_point", **kwargs)
     vectorised = scripted_steps(vec, args.num_envs, args.episodes)
+    http = http_comparison(env, kwargs, args.episodes)
+    print(http)
     rows = [
         {
             "measure": f"own work per call step, {work['approx_tokens']}-token transcript (p50 / max ms)",
@@ -133,6 +173,15 @@ def main(argv=None) -> None:
             "measure": f"env steps/s, vector env of {args.num_envs} (one retrieval batch per step)",
             "value": f"{vectorised:.0f}",
         },
+        {
+            "measure": "same episodes, one env, TRM served over HTTP on loopback (reference architecture): steps/s",
+            "value": f"{http['steps_per_s_http']:.0f} (in-process in this run: {http['steps_per_s_inprocess']:.0f})",
+        },
+        {"measure": "speed ratio in-process / HTTP (env steps/s)", "value": f"{http['ratio_steps']:.2f}x"},
+        {
+            "measure": "one retrieval call at batch 1, in-process vs HTTP (p50 ms)",
+            "value": f"{http['call_p50_ms_inprocess']:.2f} vs {http['call_p50_ms_http']:.2f}",
+        },
     ]
     protocol = {
         "dataset": env.res.dataset.name + f" ({env.res.dataset.n_items} items), split test",
@@ -141,11 +190,15 @@ def main(argv=None) -> None:
         "agent": "one call with a fixed preference, then the call's top 10 as the answer",
         "episodes": args.episodes,
         "text encoder": args.encoder,
+        "HTTP": "the same retriever in a separate process (http.server, JSON over one keep-alive loopback "
+        "connection, TCP_NODELAY), as the reference's retrieval server; the latency probe cycles through 7 "
+        "preferences, so both sides serve them from their encoder cache and the gap is the transport",
     }
     table = markdown_table(rows, ["measure", "value"])
     text = f"## Environment speed\n\n{table}\n\nProtocol:\n{protocol_text(protocol)}\n"
     print(text)
     payload = {
+        "http": http,
         "benchmark": "env_speed",
         "protocol": protocol,
         **environment(),

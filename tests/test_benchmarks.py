@@ -29,6 +29,7 @@ def test_env_speed_smoke(tmp_path, tiny_encoder_path, capsys):
     data = json.loads((tmp_path / "env_speed_smoke.json").read_text())
     assert data["steps_per_s_single"] > 0 and data["steps_per_s_vector"] > 0
     assert data["own_work"]["approx_tokens"] > 10_000
+    assert data["http"]["steps_per_s_http"] > 0 and data["http"]["ratio_steps"] > 0
 
 
 def test_llm_speed_smoke(tiny_lm_path, env_kwargs, resources):
