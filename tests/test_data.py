@@ -356,3 +356,12 @@ def test_ml100k_embedded():
     text = ds.summary()
     for word in ("users", "items", "interactions", "train", "valid", "test"):
         assert word in text
+
+
+def test_packaged_file_errors_are_clear():
+    from deeprec_env.sources import packaged_file
+
+    with pytest.raises(ImportError, match=r'pip install --no-deps "no-such-pkg==1.0"'):
+        packaged_file("no_such_pkg_xyz", "x", "Something", "no-such-pkg==1.0")
+    with pytest.raises(FileNotFoundError, match="has no missing/file"):
+        packaged_file("deeprec_env", "missing/file", "Something", "deeprec-env==0.1.0")
