@@ -68,6 +68,8 @@ class GRPOArgs:
     """Dataset of the environment."""
     prompt: Literal["base", "chat"] = "chat"
     """Prompt variant (chat for instruct models)."""
+    prompt_history: int = 20
+    """History items shown in the prompt (fewer: shorter prompts, faster steps on a CPU)."""
     difficulty_top: int = 100
     """Drop training users whose target is outside the TRM's top-N (no preference)."""
     users: str = "first-half"
@@ -280,7 +282,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         )
         log_path.write_text("".join(ln + "\n" for ln in lines))
     env_kwargs = {"dataset": args.dataset, "stage": args.stage, "prompt": args.prompt, "split": "train",
-                  **(env_kwargs or {})}  # fmt: skip
+                  "prompt_history": args.prompt_history, **(env_kwargs or {})}  # fmt: skip
     envs = [DeepRecEnv(**env_kwargs) for _ in range(args.rollout_batch)]
     users = training_users(envs[0], args)
     if len(users) == 0:
