@@ -265,7 +265,15 @@ class RetrievalRequest:
 
 
 class DeepRecEnv(gym.Env[str, str]):
-    """The DeepRec text environment; see the module docstring (the environment card)."""
+    """The DeepRec text environment; see the module docstring (the environment card).
+
+    Args:
+        render_mode: None or ``"ansi"``.
+        resources: shared dataset/TRM/index to use instead of :func:`get_resources` (which already
+            caches them per process). Pass it when constructing envs directly; through ``gym.make`` it
+            makes the spec impossible to copy (``check_env`` copies it).
+        **kwargs: fields of :class:`EnvConfig`.
+    """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
