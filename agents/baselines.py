@@ -11,20 +11,17 @@ from collections import Counter
 import numpy as np
 
 from agents.base import Policy
-from deeprec_env.protocol import history_block, read_items
+from deeprec_env.protocol import answer_text, call_text, history_block, read_items
 
 REASONING = "Based on the retrieved items and the history, here is my ranking."
 
 
 def _answer(env, titles: list[str]) -> str:
-    p = env.config.protocol
-    lines = "\n".join(f"{n}. {t}" for n, t in enumerate(titles[: env.config.answer_k], start=1))
-    return f"{REASONING}\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}"
+    return answer_text(titles[: env.config.answer_k], env.config.protocol, REASONING)
 
 
 def _call(env, preference: str, why: str) -> str:
-    p = env.config.protocol
-    return f"{why} {p.call_open} {preference} {p.call_close}"
+    return call_text(preference, env.config.protocol, why)
 
 
 class _TwoStep(Policy):
@@ -129,12 +126,8 @@ class HistoryFacetPolicy(Policy):
         if env.episode.n_calls < len(state["facets"]):
             facet = state["facets"][env.episode.n_calls]
             return _call(env, facet, f"The history shows many {facet} items.")
-        ids = list(dict.fromkeys(i for i in (env.catalog.ground(t) for t in state["pool"]) if i is not None))
-        retriever = env.res.retriever
-        q = retriever.user_vectors([env.trm_history])[0]
-        scores = env.res.score_vecs[ids] @ q
-        order = np.argsort(-scores, kind="stable")
-        return _answer(env, [env.catalog.titles[ids[j]] for j in order])
+        ids = dict.fromkeys(i for i in (env.catalog.ground(t) for t in state["pool"]) if i is not None)
+        return _answer(env, [env.catalog.titles[i] for i in env.res.retriever.rank(env.trm_history, ids)])
 
 
 BASELINES = {

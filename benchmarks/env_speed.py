@@ -21,6 +21,7 @@ import numpy as np
 import deeprec_env  # noqa: F401
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 from deeprec_env.env import DeepRecEnv, RetrievalRequest
+from deeprec_env.protocol import answer_text, call_text
 
 REASONING = (
     "The user has watched many dramas and a few comedies recently; the last items suggest a shift towards "
@@ -39,7 +40,7 @@ def own_work(env: DeepRecEnv, target_tokens: int, repeats: int) -> dict:
         env.reset(options={"example": rep})
         cached = []
         for c in range(calls):
-            seg = f"{reasoning} {p.call_open} comedy; romance {c} {p.call_close}"
+            seg = call_text(f"comedy; romance {c}", p, reasoning)
             t = time.perf_counter()
             req = env.begin_step(seg)
             t_parse = time.perf_counter() - t
@@ -49,9 +50,7 @@ def own_work(env: DeepRecEnv, target_tokens: int, repeats: int) -> dict:
             t = time.perf_counter()
             env.end_step(ids[0])
             step_ms.append(1e3 * (t_parse + time.perf_counter() - t))
-        titles = [env.catalog.titles[int(i)] for i in cached[0][:10]]
-        lines = "\n".join(f"{n}. {t}" for n, t in enumerate(titles, start=1))
-        answer = f"{reasoning}\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}"
+        answer = answer_text([env.catalog.titles[int(i)] for i in cached[0][:10]], p, reasoning)
         t = time.perf_counter()
         _, _, term, _, info = env.step(answer)
         final_ms.append(1e3 * (time.perf_counter() - t))
@@ -73,11 +72,9 @@ def scripted_steps(env_or_vec, n_envs: int, episodes: int) -> float:
     p = (env_or_vec.unwrapped.envs[0] if is_vec else env_or_vec.unwrapped).config.protocol
 
     def answer(ids):
-        titles = [catalog.titles[int(i)] for i in ids[:10]]
-        lines = "\n".join(f"{n}. {t}" for n, t in enumerate(titles, start=1))
-        return f"Ranking.\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}"
+        return answer_text([catalog.titles[int(i)] for i in ids[:10]], p, "Ranking.")
 
-    call = f"Exploring. {p.call_open} favourite genres {p.call_close}"
+    call = call_text("favourite genres", p, "Exploring.")
     steps, t = 0, time.perf_counter()
     if not is_vec:
         catalog = env_or_vec.unwrapped.catalog

@@ -205,8 +205,7 @@ class Resources:
     """What every environment on one dataset shares: the dataset, the retriever and embeddings.
 
     Attributes: ``dataset``, ``retriever``, ``encoder``, ``text_emb`` (unit item text embeddings),
-    ``item_vecs`` (unit TRM item embeddings, for the ``point`` reward) and ``score_vecs`` (the vectors
-    the index searches, in the TRM's scoring space).
+    and ``item_vecs`` (unit TRM item embeddings, for the ``point`` reward).
     """
 
     def __init__(self, dataset: RecDataset, retriever, text_emb: np.ndarray) -> None:
@@ -219,7 +218,6 @@ class Resources:
         self.text_emb = np.where(norms > 0, text_emb / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
         with torch.inference_mode():
             v = torch.nn.functional.normalize(retriever.trm.item_emb.weight.float(), dim=-1)
-            self.score_vecs = retriever.trm.item_vectors().float().cpu().numpy()
         self.item_vecs = v.cpu().numpy()
 
 

@@ -174,6 +174,17 @@ def item_lines(catalog: Catalog, items) -> str:
     return "\n".join(out)
 
 
+def call_text(preference: str, p: ProtocolConfig, reasoning: str = "") -> str:
+    """A policy segment that calls the TRM: ``reasoning <|begin_of_preference|> pref <|end_of_preference|>``."""
+    return f"{reasoning} {p.call_open} {preference} {p.call_close}"
+
+
+def answer_text(titles, p: ProtocolConfig, reasoning: str) -> str:
+    """A final policy segment: reasoning, ``</think>`` and the numbered titles in the answer tags."""
+    lines = "\n".join(f"{n}. {t}" for n, t in enumerate(titles, start=1))
+    return f"{reasoning}\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}"
+
+
 def item_list_text(catalog: Catalog, items, p: ProtocolConfig) -> str:
     r"""The tool result inserted after a call: ``<|begin_of_item_list|>\n1. ...<|end_of_item_list|>\n\n``."""
     return f"{p.result_open}\n{item_lines(catalog, items)}{p.result_close}\n\n"

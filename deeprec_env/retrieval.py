@@ -102,6 +102,16 @@ class Retriever:
         with torch.inference_mode():
             return self.trm.user_vectors(seqs, pref, has).float().cpu().numpy()
 
+    def rank(self, history: np.ndarray, items: Sequence[int]) -> list[int]:
+        """``items`` ordered by the TRM's score for ``history`` without a preference (stable on ties)."""
+        items = [int(i) for i in items]
+        if not items:
+            return []
+        q = self.user_vectors([history])[0]
+        with torch.inference_mode():
+            scores = self.trm.item_vectors()[torch.as_tensor(items)].float().cpu().numpy() @ q
+        return [items[j] for j in np.argsort(-scores, kind="stable")]
+
     def retrieve(
         self,
         histories: Sequence[np.ndarray],

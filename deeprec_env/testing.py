@@ -14,6 +14,7 @@ from collections.abc import Callable
 import gymnasium as gym
 import numpy as np
 
+from deeprec_env.protocol import answer_text, call_text
 from deeprec_env.rewards import COMPONENTS
 
 EnvFactory = Callable[[], gym.Env]
@@ -39,11 +40,10 @@ def scripted_actions(env: gym.Env) -> list:
         return [0, min(1, env.action_space.n - 2), env.action_space.n - 1]
     p = base.config.protocol
     titles = [base.catalog.titles[i] for i in range(1, min(base.catalog.num_embeddings, base.config.answer_k + 1))]
-    lines = "\n".join(f"{n}. {t}" for n, t in enumerate(titles, start=1))
     return [
-        f"The history leans one way. {p.call_open} drama {p.call_close}",
-        f"Another aspect. {p.call_open} comedy; action {p.call_close}",
-        f"Ranking them.\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}",
+        call_text("drama", p, "The history leans one way."),
+        call_text("comedy; action", p, "Another aspect."),
+        answer_text(titles, p, "Ranking them."),
     ]
 
 

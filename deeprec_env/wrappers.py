@@ -23,6 +23,7 @@ import numpy as np
 from gymnasium import spaces
 
 from deeprec_env.env import DeepRecEnv
+from deeprec_env.protocol import answer_text, call_text
 
 
 class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
@@ -83,15 +84,9 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
     def _answer(self) -> str:
         env = self.text_env
         ep = env.episode
-        pool = list(dict.fromkeys(int(i) for ids in ep.retrieved for i in ids))
-        if pool:
-            q = env.res.retriever.user_vectors([env.trm_history])[0]
-            scores = env.res.score_vecs[pool] @ q
-            pool = [pool[j] for j in np.argsort(-scores, kind="stable")]
-        lines = "\n".join(f"{n}. {env.catalog.titles[i]}" for n, i in enumerate(pool[: self._k], start=1))
-        p = env.config.protocol
-        reasoning = "Ranking the retrieved items by the recommender's score."
-        return f"{reasoning}\n{p.think_close}\n{p.answer_open}\n{lines}\n{p.answer_close}"
+        pool = env.res.retriever.rank(env.trm_history, dict.fromkeys(int(i) for ids in ep.retrieved for i in ids))
+        titles = [env.catalog.titles[i] for i in pool[: self._k]]
+        return answer_text(titles, env.config.protocol, "Ranking the retrieved items by the recommender's score.")
 
     def action_text(self, action) -> str:
         """The protocol segment for ``action``: a facet call, or the final answer."""
@@ -101,8 +96,8 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
         if a == self.n_facets:
             return self._answer()
         self._queried[a] = 1.0
-        p = self.text_env.config.protocol
-        return f"Exploring the {self.facets[a]} facet. {p.call_open} {self.facets[a]} {p.call_close}"
+        facet = self.facets[a]
+        return call_text(facet, self.text_env.config.protocol, f"Exploring the {facet} facet.")
 
     def step(self, action):
         """Query facet ``action`` or finish (``action == n_facets``)."""

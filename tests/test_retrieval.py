@@ -74,3 +74,11 @@ def test_deterministic(tiny_ds, tiny_encoder):
     b = Retriever(train_trm(tiny_ds, TINY, tiny_encoder, progress=False)[0], tiny_encoder)
     hs = histories(tiny_ds)
     assert np.array_equal(a.retrieve(hs, ["drama"] * 6)[0], b.retrieve(hs, ["drama"] * 6)[0])
+
+
+def test_rank_orders_by_no_preference_score(retriever, tiny_ds):
+    h = histories(tiny_ds, 1)[0]
+    top, _ = retriever.retrieve([h], None, k=8)
+    items = list(reversed(top[0].tolist()))
+    assert retriever.rank(h, items) == top[0].tolist()
+    assert retriever.rank(h, []) == []
