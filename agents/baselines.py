@@ -103,19 +103,28 @@ class HistoryFacetPolicy(Policy):
 
     The categories come from the prompt text; the merge scores each retrieved item with the TRM's
     no-preference user vector for this user.
+
+    Args:
+        n_calls: calls per episode; a sequence draws one of its values per episode (uniformly, from a
+            generator seeded by ``seed``), e.g. ``(1, 2, 3)`` for varied demonstrations.
+        seed: seed of that draw.
     """
 
     name = "history-facet"
 
-    def __init__(self, n_calls: int = 3) -> None:
-        if n_calls < 1:
-            raise ValueError(f"n_calls={n_calls}; must be >= 1")
+    def __init__(self, n_calls: int | tuple[int, ...] = 3, seed: int = 0) -> None:
+        choices = (n_calls,) if isinstance(n_calls, int) else tuple(n_calls)
+        if not choices or min(choices) < 1:
+            raise ValueError(f"n_calls={n_calls}; must be >= 1 (or a non-empty sequence of such)")
         self.n_calls = n_calls
+        self._choices = choices
+        self._rng = np.random.default_rng(seed)
 
     def start(self, env, obs, info):
         """Read the history's categories from the prompt and pick the facets to query."""
+        n = self._choices[0] if len(self._choices) == 1 else int(self._rng.choice(self._choices))
         counts = Counter(c for _, cats in read_items(history_block(obs)) for c in cats)
-        facets = [c for c, _ in counts.most_common(self.n_calls)] or ["movies the user would enjoy next"]
+        facets = [c for c, _ in counts.most_common(n)] or ["movies the user would enjoy next"]
         return {"env": env, "facets": facets, "pool": []}
 
     def act(self, state, obs: str) -> str:

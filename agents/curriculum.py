@@ -2,8 +2,10 @@
 
     python -m agents.curriculum --coldstart-steps 20 --rec-steps 80 --users-per-step 2 --group-size 4
 
-Stage 1 starts from ``--model`` and draws from the first half of the filtered training users; stage 2
-starts from stage 1's checkpoint and draws from the second half. Each stage writes
+``--warm-start history-facet`` first fine-tunes ``--model`` on scripted-agent transcripts (agents.sft):
+needed for models too small to ever call the tool by themselves (SmolLM2-135M); the paper has no such step.
+Stage 1 starts from ``--model`` (or the warm start) and draws from the first half of the filtered
+training users; stage 2 starts from stage 1's checkpoint and draws from the second half. Each stage writes
 ``<out>/<stage>/log.jsonl``, ``curves.png`` and ``checkpoint/`` (model, tokenizer, optimizer state);
 re-running the same command after a kill resumes where it stopped. For the paper's scale see
 ``agents.grpo.PAPER_SCALE`` and run the same command under ``accelerate launch`` on GPUs.
@@ -17,12 +19,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from agents.grpo import GRPOArgs, plot_curves, train
+from agents.sft import SFTArgs, train_sft
 
 
 def run_curriculum(base: GRPOArgs, coldstart_steps: int, rec_steps: int, env_kwargs: dict | None = None,
-                   *, progress: bool = True) -> Path:  # fmt: skip
-    """Train stage 1 then stage 2; returns the final checkpoint folder."""
+                   *, warm_start: SFTArgs | None = None, progress: bool = True) -> Path:  # fmt: skip
+    """Train stage 1 then stage 2; returns the final checkpoint folder.
+
+    ``warm_start`` first fine-tunes ``base.model`` on scripted transcripts into ``<out>/warmstart``.
+    """
     out = Path(base.out)
+    if warm_start is not None:
+        ws = replace(warm_start, model=base.model, dataset=base.dataset, dataset_path=base.dataset_path,
+                     prompt=base.prompt,
+                     prompt_history=base.prompt_history, retrieval_k=base.retrieval_k, device=base.device,
+                     dtype=base.dtype,
+                     out=str(out / "warmstart"))  # fmt: skip
+        base = replace(base, model=str(train_sft(ws, env_kwargs, progress=progress)))
     stage1 = replace(base, stage="coldstart", steps=coldstart_steps, users="first-half", out=str(out / "coldstart"))
     ckpt1 = train(stage1, env_kwargs, progress=progress)
     stage2 = replace(base, model=str(ckpt1), stage="rec", steps=rec_steps, users="second-half", out=str(out / "rec"))
@@ -45,12 +58,22 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--coldstart-steps", type=int, default=10)
     ap.add_argument("--rec-steps", type=int, default=10)
+    ap.add_argument("--warm-start", default="none",
+                    help="'none' (the paper: RL from the base model) or a scripted teacher for a short SFT "
+                         "first (e.g. history-facet; see agents.sft)")  # fmt: skip
+    ap.add_argument("--warm-start-episodes", type=int, default=SFTArgs.episodes)
+    ap.add_argument("--warm-start-epochs", type=int, default=SFTArgs.epochs)
+    ap.add_argument("--warm-start-lr", type=float, default=SFTArgs.lr)
     add_dataclass_args(ap, GRPOArgs, skip=("stage", "steps", "users"))
     ns = ap.parse_args(argv)
     base = from_args(GRPOArgs, ns, defaults_for=("stage", "steps", "users"))
     if base.out == GRPOArgs.out:
         base = replace(base, out="runs/curriculum")
-    ckpt = run_curriculum(base, ns.coldstart_steps, ns.rec_steps)
+    warm = None
+    if ns.warm_start != "none":
+        warm = SFTArgs(teacher=ns.warm_start, episodes=ns.warm_start_episodes, epochs=ns.warm_start_epochs,
+                       lr=ns.warm_start_lr, seed=base.seed)  # fmt: skip
+    ckpt = run_curriculum(base, ns.coldstart_steps, ns.rec_steps, warm_start=warm)
     print(f"final checkpoint: {ckpt}; logs and curves under {base.out}")
 
 

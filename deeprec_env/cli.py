@@ -15,7 +15,8 @@ from collections.abc import Sequence
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
     """Add one ``--field-name`` option per scalar field of dataclass ``cls`` (defaults from the class).
 
-    Fields in ``skip`` and fields of other types (tuples, nested configs) keep their defaults.
+    Tuples of numbers take a comma-separated list (``--betas 0.9,0.95``). Fields in ``skip`` and fields
+    of other types (nested configs) keep their defaults.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -27,10 +28,23 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str]
             parser.add_argument(flag, type=_parse_bool, default=f.default, metavar="{true,false}")
         elif typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), default=f.default)
+        elif typing.get_origin(hint) is tuple and {a for a in typing.get_args(hint) if a is not ...} <= {int, float}:
+            elem = float if float in typing.get_args(hint) else int
+            parser.add_argument(flag, type=_tuple_of(elem), default=f.default, metavar="A,B,...")
         else:
             args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
             if args[0] in (int, float, str):
                 parser.add_argument(flag, type=args[0], default=f.default)
+
+
+def _tuple_of(elem):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(elem(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {elem.__name__}") from None
+
+    return parse
 
 
 def from_args(cls, ns: argparse.Namespace, defaults_for: Sequence[str] = ()):

@@ -1,0 +1,255 @@
+"""Supervised warm start on scripted-agent transcripts, before RL (an option; not in the paper's recipe).
+
+A base model as small as SmolLM2-135M never emits the call tag on its own, so group-relative RL gets
+no signal: every sample of every group scores -1 and every advantage is 0. A warm start fixes that.
+A scripted agent (by default ``history-facet``, calling the TRM 1, 2 or 3 times per episode) plays
+episodes through the environment; each episode is recorded as the token sequence an
+:class:`~agents.llm.LLMPolicy` would have produced (prompt through the same chat template, the
+agent's segments, the item lists the environment inserted), and the model is fine-tuned with
+cross-entropy on the agent's segments only: the same policy mask the RL loss uses.
+
+The varied number of calls is deliberate: the warm-started policy calls 1-3 times, and stage 1's
+invocation reward (0 for one call, 0.5 for two, 1.0 for three) is left for RL to discover.
+
+    python -m agents.sft --episodes 48 --epochs 2 --out runs/warmstart
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.base import Policy, play_episodes
+from agents.llm import Trajectory, prompt_text
+from agents.rollout import pad_batch, token_logprobs
+
+
+@dataclass(frozen=True)
+class SFTArgs:
+    """Every setting of the warm start."""
+
+    model: str = "smollm2"
+    """Model to fine-tune: 'smollm2' (embedded), a hub id or a local path."""
+    teacher: str = "history-facet"
+    """Scripted agent that plays the demonstrations (a name in ``agents.baselines.BASELINES``)."""
+    teacher_calls: tuple[int, ...] = (1, 2, 3)
+    """Calls per demonstration, drawn per episode (history-facet only)."""
+    episodes: int = 48
+    """Demonstration episodes (distinct training users)."""
+    epochs: int = 2
+    """Passes over the demonstrations."""
+    batch: int = 8
+    """Demonstrations per optimiser step."""
+    micro_batch: int = 1
+    """Demonstrations per forward/backward pass."""
+    lr: float = 5e-5
+    """Adam learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    dataset: str = "ml-100k"
+    """Dataset of the environment (ml-100k, ml-1m, amazon, atomic, synthetic)."""
+    dataset_path: str | None = None
+    """File or folder of the dataset (all but ml-100k and synthetic)."""
+    prompt: str = "chat"
+    """Prompt variant (must match the RL stages)."""
+    prompt_history: int = 20
+    """History items shown in the prompt (must match the RL stages)."""
+    retrieval_k: int = 20
+    """Items the TRM returns per call (must match the RL stages)."""
+    device: str = "cpu"
+    """Torch device."""
+    dtype: str = "float32"
+    """Model dtype."""
+    seed: int = 0
+    """Seed of the user draw, the teacher's call counts and the batch order."""
+    out: str = "runs/warmstart"
+    """Run folder: log.jsonl and checkpoint/."""
+
+    def __post_init__(self) -> None:
+        for name in ("episodes", "epochs", "batch", "micro_batch", "prompt_history"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}; must be > 0")
+
+
+class TranscriptRecorder(Policy):
+    """Wraps a scripted policy and records its episodes as token trajectories (policy mask included).
+
+    The trajectory is built exactly as :class:`~agents.llm.LLMPolicy` builds one: the prompt through
+    :func:`~agents.llm.prompt_text`, then per turn the environment's observation (mask 0) and the
+    agent's segment (mask 1), each tokenised on its own.
+    """
+
+    def __init__(self, teacher: Policy, tokenizer) -> None:
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.name = f"recorded:{teacher.name}"
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def start(self, env, obs: str, info: dict) -> dict:
+        """Start the teacher's episode and tokenise the prompt."""
+        traj = Trajectory()
+        traj.extend(self._encode(prompt_text(self.tokenizer, env, obs, info)), policy=False)
+        traj.n_prompt = len(traj.ids)
+        return {"inner": self.teacher.start(env, obs, info), "traj": traj, "fresh": True}
+
+    def act(self, state: dict, obs: str) -> str:
+        """Append the observation, ask the teacher for the next segment, append it as policy tokens."""
+        if not state["fresh"] and obs:
+            state["traj"].extend(self._encode(obs), policy=False)
+        state["fresh"] = False
+        text = self.teacher.act(state["inner"], obs)
+        state["traj"].extend(self._encode(text), policy=True)
+        state["traj"].segments.append(text)
+        return text
+
+    def tokens(self, state: dict) -> int:
+        """Policy tokens of the recorded episode."""
+        return int(sum(state["traj"].policy_mask))
+
+
+def make_teacher(args: SFTArgs) -> Policy:
+    """The scripted agent named by ``args.teacher``."""
+    from agents.baselines import BASELINES, HistoryFacetPolicy
+
+    if args.teacher == "history-facet":
+        return HistoryFacetPolicy(n_calls=tuple(args.teacher_calls), seed=args.seed)
+    if args.teacher not in BASELINES:
+        raise ValueError(f"teacher={args.teacher!r}; must be one of {sorted(BASELINES)}")
+    if BASELINES[args.teacher].privileged:
+        raise ValueError(f"teacher={args.teacher!r} reads the target: a policy must not learn from it")
+    return BASELINES[args.teacher]()
+
+
+def demonstrations(teacher: Policy, tokenizer, env_kwargs: dict, users: list[int], *, batch: int = 16):
+    """Play ``teacher`` on ``users`` (one episode each); returns ``(trajectories, records)``.
+
+    Episodes that fail the format check are dropped (a teacher should not teach a malformed answer).
+    """
+    from deeprec_env.env import DeepRecEnv
+
+    recorder = TranscriptRecorder(teacher, tokenizer)
+    envs = [DeepRecEnv(**env_kwargs) for _ in range(min(batch, len(users)))]
+    trajs, recs = [], []
+    for s in range(0, len(users), len(envs)):
+        chunk = users[s : s + len(envs)]
+        records, states = play_episodes(recorder, envs[: len(chunk)], [{"user": int(u)} for u in chunk])
+        for rec, st in zip(records, states, strict=True):
+            if not rec.format_errors:
+                trajs.append(st["traj"])
+                recs.append(rec)
+    return trajs, recs
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean token cross-entropy on policy tokens (``loss_mask`` 1); returns ``(loss, n_tokens)``."""
+    lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    mask = batch["loss_mask"]
+    n = int(mask.sum())
+    return -(lp * mask).sum() / max(n, 1), n
+
+
+def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool = True) -> Path:
+    """Record demonstrations, fine-tune on them, save ``args.out/checkpoint``; returns that folder.
+
+    A finished checkpoint (``trainer_state.json`` with ``"done": true``) is reused, so re-running a
+    curriculum after a kill does not repeat the warm start.
+    """
+    from tqdm.auto import tqdm
+
+    from agents.grpo import save_checkpoint
+    from agents.llm import load_causal_lm
+
+    out = Path(args.out)
+    ckpt = out / "checkpoint"
+    state_file = ckpt / "trainer_state.json"
+    if state_file.is_file() and json.loads(state_file.read_text()).get("done"):
+        return ckpt
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, tok = load_causal_lm(args.model, device=args.device, dtype=args.dtype)
+    env_kwargs = {"dataset": args.dataset, "stage": "rec", "prompt": args.prompt, "split": "train",
+                  "prompt_history": args.prompt_history, "retrieval_k": args.retrieval_k,
+                  "dataset_path": args.dataset_path,
+                  **(env_kwargs or {})}  # fmt: skip
+    from deeprec_env.env import EnvConfig, get_resources
+
+    n_users = len(get_resources(EnvConfig(**env_kwargs)).dataset.split("train"))
+    rng = np.random.default_rng(args.seed)
+    users = rng.permutation(n_users)[: args.episodes].tolist()
+    trajs, recs = demonstrations(make_teacher(args), tok, env_kwargs, users)
+    if not trajs:
+        raise ValueError(f"the teacher {args.teacher!r} produced no well-formed episode to learn from")
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
+    log_path = out / "log.jsonl"
+    log_path.write_text("")
+    n_steps = args.epochs * -(-len(trajs) // args.batch)
+    bar = tqdm(total=n_steps, desc="warm start (SFT)", disable=not progress)
+    step = 0
+    for epoch in range(args.epochs):
+        order = rng.permutation(len(trajs))
+        for s in range(0, len(order), args.batch):
+            ts = time.perf_counter()
+            chunk = [trajs[i] for i in order[s : s + args.batch]]
+            total = sum(sum(t.policy_mask) for t in chunk)
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for m in range(0, len(chunk), args.micro_batch):
+                padded = pad_batch(chunk[m : m + args.micro_batch], tok.pad_token_id)
+                batch = {k: v.to(device) for k, v in padded.items()}
+                loss, n = sft_loss(model, batch)
+                (loss * (n / max(total, 1))).backward()  # token mean over the whole step
+                loss_sum += float(loss.detach()) * n
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+            optimizer.step()
+            entry = {"step": step, "epoch": epoch, "loss": loss_sum / max(total, 1), "grad_norm": grad_norm,
+                     "policy_tokens": int(total), "seconds": time.perf_counter() - ts}  # fmt: skip
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            bar.set_postfix(loss=f"{entry['loss']:.3f}")
+            bar.update()
+            step += 1
+    bar.close()
+    model.eval()
+    save_checkpoint(ckpt, model, tok, optimizer, step, args)
+    summary = {
+        "step": step,
+        "done": True,
+        "args": asdict(args),
+        "demonstrations": len(trajs),
+        "dropped": len(users) - len(trajs),
+        "teacher_calls_mean": float(np.mean([r.calls for r in recs])),
+        "teacher_ndcg@10": float(np.mean([r.metrics["ndcg@10"] for r in recs])),
+        "mean_tokens": float(np.mean([len(t.ids) for t in trajs])),
+        "seconds": time.perf_counter() - t0,
+    }
+    state_file.write_text(json.dumps(summary, indent=2))
+    return ckpt
+
+
+def main(argv=None) -> None:
+    """CLI: every :class:`SFTArgs` field."""
+    import argparse
+
+    from deeprec_env.cli import add_dataclass_args, from_args
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(ap, SFTArgs)
+    args = from_args(SFTArgs, ap.parse_args(argv))
+    print(f"warm-start checkpoint: {train_sft(args)}")
+
+
+if __name__ == "__main__":
+    main()

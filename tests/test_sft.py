@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pytest
+
+from agents.sft import SFTArgs, TranscriptRecorder, demonstrations, make_teacher, train_sft
+
+
+def _tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_recorded_mask_covers_exactly_the_agent_segments(tiny_lm_path, env_kwargs, resources):
+    from agents.baselines import HistoryFacetPolicy
+
+    tok = _tok(tiny_lm_path)
+    kwargs = {**env_kwargs, "prompt": "chat", "split": "train", "stage": "rec"}
+    trajs, recs = demonstrations(HistoryFacetPolicy(n_calls=2), tok, kwargs, [0, 1, 2])
+    assert len(trajs) == 3 and all(r.calls == 2 for r in recs)
+    for t in trajs:
+        ids, mask = np.array(t.ids), np.array(t.policy_mask)
+        assert mask[: t.n_prompt].sum() == 0
+        # the masked-in runs, decoded, are the agent's segments in order; everything else is prompt or env
+        runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(mask)) + 1)
+        policy_runs = [tok.decode(ids[r].tolist()) for r in runs if mask[r[0]]]
+        assert policy_runs == t.segments
+        assert len(t.segments) == 3  # two calls and the answer
+        env_runs = [tok.decode(ids[r].tolist()) for r in runs[1:] if not mask[r[0]]]
+        assert all(x.lstrip().startswith("<|begin_of_item_list|>") for x in env_runs)
+
+
+def test_teacher_draws_its_call_counts(tiny_lm_path, env_kwargs, resources):
+    tok = _tok(tiny_lm_path)
+    kwargs = {**env_kwargs, "prompt": "chat", "split": "train", "stage": "rec"}
+    teacher = make_teacher(SFTArgs(teacher_calls=(1, 3)))
+    _, recs = demonstrations(teacher, tok, kwargs, list(range(12)))
+    assert {r.calls for r in recs} == {1, 3}
+
+
+def test_sft_fits_the_demonstrations_and_is_reused(tmp_path, tiny_lm_path, env_kwargs, resources):
+    from agents.llm import load_causal_lm
+
+    args = SFTArgs(model=str(tiny_lm_path), episodes=4, epochs=6, batch=4, micro_batch=2, lr=1e-2,
+                   prompt_history=5, out=str(tmp_path))  # fmt: skip
+    ckpt = train_sft(args, env_kwargs, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all(np.isfinite(r["loss"]) for r in log)
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["done"] and state["demonstrations"] == 4
+    load_causal_lm(str(ckpt))
+    mtime = (ckpt / "trainer_state.json").stat().st_mtime_ns
+    assert train_sft(args, env_kwargs, progress=False) == ckpt  # finished: reused, not retrained
+    assert (ckpt / "trainer_state.json").stat().st_mtime_ns == mtime
+
+
+def test_bad_sft_args():
+    with pytest.raises(ValueError, match="episodes=0"):
+        SFTArgs(episodes=0)
+    with pytest.raises(ValueError, match="reads the target"):
+        make_teacher(SFTArgs(teacher="oracle-preference"))
+    with pytest.raises(ValueError, match="teacher='nope'"):
+        make_teacher(SFTArgs(teacher="nope"))
+
+
+def test_cli_parses_number_tuples():
+    import argparse
+
+    from deeprec_env.cli import add_dataclass_args, from_args
+
+    ap = argparse.ArgumentParser()
+    add_dataclass_args(ap, SFTArgs)
+    args = from_args(SFTArgs, ap.parse_args(["--teacher-calls", "1,3", "--betas", "0.8,0.9"]))
+    assert args.teacher_calls == (1, 3) and args.betas == (0.8, 0.9)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--teacher-calls", "a,b"])
+
+
+def test_curriculum_starts_stage1_from_the_warm_start(tmp_path, tiny_lm_path, env_kwargs, resources):
+    from agents.curriculum import run_curriculum
+    from agents.grpo import GRPOArgs
+
+    base = GRPOArgs(model=str(tiny_lm_path), users_per_step=1, group_size=2, max_new_tokens=6, micro_batch=1,
+                    rollout_batch=2, val_users=0, out=str(tmp_path), prompt_history=5)  # fmt: skip
+    warm = SFTArgs(episodes=2, epochs=1, batch=2)
+    run_curriculum(base, coldstart_steps=1, rec_steps=1, env_kwargs=env_kwargs, warm_start=warm, progress=False)
+    stage1 = json.loads((tmp_path / "coldstart" / "checkpoint" / "trainer_state.json").read_text())
+    assert stage1["args"]["model"] == str(tmp_path / "warmstart" / "checkpoint")
+    sft = json.loads((tmp_path / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
+    assert sft["args"]["model"] == str(tiny_lm_path) and sft["args"]["prompt_history"] == 5
