@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,11 +64,15 @@ class GRPOArgs:
     rollout_batch: int = 8
     """Episodes generated in lock step."""
     dataset: str = "ml-100k"
-    """Dataset of the environment."""
+    """Dataset of the environment (ml-100k, ml-1m, amazon, atomic, synthetic)."""
+    dataset_path: str | None = None
+    """File or folder of the dataset (all but ml-100k and synthetic)."""
     prompt: Literal["base", "chat"] = "chat"
     """Prompt variant (chat for instruct models)."""
     prompt_history: int = 20
     """History items shown in the prompt (fewer: shorter prompts, faster steps on a CPU)."""
+    retrieval_k: int = 20
+    """Items the TRM returns per call (fewer: shorter contexts, faster steps on a CPU)."""
     difficulty_top: int = 100
     """Drop training users whose target is outside the TRM's top-N (no preference)."""
     users: str = "first-half"
@@ -151,34 +154,52 @@ def policy_loss(
 
 
 def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray, args: GRPOArgs, pad_id: int,
-               ref_model=None) -> dict:  # fmt: skip
-    """One optimiser step over the step's rollouts (micro-batched); returns loss statistics."""
+               ref_model=None, accelerator=None) -> dict:  # fmt: skip
+    """One optimiser step over the step's rollouts (micro-batched); returns loss statistics.
+
+    There is one update per batch of rollouts, so the sampling policy is the current one: its
+    log-probs are the current log-probs, detached (ratio 1, gradient = the policy gradient; the
+    clip matters only for a trainer that reuses a batch). With ``accelerator`` (several processes),
+    gradients are synchronised once, on the last micro-batch.
+    """
+    import contextlib
+
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
     n_tokens = sum(sum(r.trajectory.policy_mask) for r in rollouts)
     total_loss, kl_sum = 0.0, 0.0
-    for s in range(0, len(rollouts), args.micro_batch):
+    starts = list(range(0, len(rollouts), args.micro_batch))
+    for s in starts:
         chunk = rollouts[s : s + args.micro_batch]
         batch = {k: v.to(device) for k, v in pad_batch([r.trajectory for r in chunk], pad_id).items()}
-        with torch.no_grad():  # the sampling policy's log-probs (the weights before this update)
-            old = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        adv = torch.as_tensor(advantages[s : s + len(chunk)], dtype=torch.float32, device=device)
-        mask = batch["loss_mask"]
-        # token-level mean over the whole step: weight each micro-batch by its share of policy tokens
-        loss = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high) * (mask.sum() / max(n_tokens, 1))
-        if ref_model is not None and args.kl_coef > 0:
-            with torch.no_grad():
-                ref = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"])
-            log_ratio = ref - logp
-            kl = ((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum() / max(n_tokens, 1)  # k3 estimator
-            loss = loss + args.kl_coef * kl
-            kl_sum += float(kl)
-        loss.backward()
+        sync = accelerator is None or s == starts[-1]
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+            old = logp.detach()
+            adv = torch.as_tensor(advantages[s : s + len(chunk)], dtype=torch.float32, device=device)
+            mask = batch["loss_mask"]
+            # token-level mean over the whole step: weight each micro-batch by its share of policy tokens
+            loss = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high) * (mask.sum() / max(n_tokens, 1))
+            if ref_model is not None and args.kl_coef > 0:
+                with torch.no_grad():
+                    ref = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"])
+                log_ratio = ref - logp
+                kl = ((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum() / max(n_tokens, 1)  # k3 estimator
+                loss = loss + args.kl_coef * kl
+                kl_sum += float(kl)
+            if accelerator is None:
+                loss.backward()
+            else:
+                accelerator.backward(loss)
         total_loss += float(loss.detach())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if accelerator is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
     return {"loss": total_loss, "grad_norm": grad_norm, "kl": kl_sum, "policy_tokens": int(n_tokens)}
 
 
@@ -203,24 +224,49 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args: GRPOArgs) -> None:
-    """Model, tokenizer, optimizer state and step, written to a temporary folder then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=2))
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+def _sharded(accelerator) -> bool:
+    """True when the engine shards weights or optimizer state (DeepSpeed, FSDP)."""
+    return accelerator is not None and accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+
+
+def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, accelerator=None) -> None:
+    """Model, tokenizer, optimizer state and step, written to a temporary folder then renamed.
+
+    Under ``accelerate`` every process calls this: sharded engines (DeepSpeed, FSDP) gather the
+    weights and save their optimizer shards (``engine/``, via ``accelerator.save_state``); the main
+    process writes the rest. A LoRA model saves its adapter only (``load_causal_lm`` reloads it).
+    """
+    main = accelerator is None or accelerator.is_main_process
+    tmp = path.parent / f".{path.name}.tmp"
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    try:
+        unwrapped = model if accelerator is None else accelerator.unwrap_model(model)
+        state = accelerator.get_state_dict(model) if _sharded(accelerator) else None  # collective
+        if _sharded(accelerator):
+            accelerator.save_state(str(tmp / "engine"))  # collective
+        if main:
+            unwrapped.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+            tokenizer.save_pretrained(tmp)
+            if not _sharded(accelerator):
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=2))
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
 
 
 def validate(policy, env_kwargs: dict, n_users: int) -> dict:
@@ -241,16 +287,32 @@ def validate(policy, env_kwargs: dict, n_users: int) -> dict:
     return {f"val_{k}": s[k] for k in ("recall@10", "ndcg@10", "format_fail", "calls")}
 
 
+def _stats_row(rec, keys: list[str]) -> list[float]:
+    return [rec.reward, float(bool(rec.format_errors)), float(rec.calls), float(rec.tokens),
+            *(float(rec.reward_components[k]) for k in keys)]  # fmt: skip
+
+
 def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = True) -> Path:
     """Run one stage: rollouts, advantages, update; log every step, checkpoint every step, resume if stopped.
 
+    Runs in one process, or in several under ``accelerate launch`` (DDP, DeepSpeed or FSDP, per the
+    accelerate config): each process rolls out ``users_per_step / num_processes`` of the step's users,
+    rewards are gathered so the whitening is global, gradients are averaged by the engine, and the
+    main process writes the log and the checkpoint.
+
     Returns the checkpoint folder (``args.out/checkpoint``).
     """
+    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from agents.llm import LLMPolicy, load_causal_lm
     from deeprec_env.env import DeepRecEnv
 
+    accelerator = Accelerator(cpu=torch.device(args.device).type == "cpu")
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if args.users_per_step % world:
+        raise ValueError(f"users_per_step={args.users_per_step} must be a multiple of the {world} processes")
+    device = str(accelerator.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
@@ -260,8 +322,8 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     if (ckpt / "trainer_state.json").is_file():  # resume
         start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
         source = str(ckpt)
-    model, tok = load_causal_lm(source, device=args.device, dtype=args.dtype)
-    if args.lora_r > 0 and start == 0:
+    model, tok = load_causal_lm(source, device=device, dtype=args.dtype, trainable_adapter=True)
+    if args.lora_r > 0 and not hasattr(model, "peft_config"):
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as e:
@@ -269,12 +331,15 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM"))
     ref_model = None
     if args.kl_coef > 0:
-        ref_model, _ = load_causal_lm(args.model, device=args.device, dtype=args.dtype)
+        ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)
         ref_model.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
     if start and (ckpt / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=args.device))
-    if start:  # keep only the log lines of completed steps
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if start and (ckpt / "engine").is_dir():
+        accelerator.load_state(str(ckpt / "engine"))
+    if start and main:  # keep only the log lines of completed steps
         lines = (
             [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] < start]
             if log_path.exists()
@@ -282,46 +347,63 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         )
         log_path.write_text("".join(ln + "\n" for ln in lines))
     env_kwargs = {"dataset": args.dataset, "stage": args.stage, "prompt": args.prompt, "split": "train",
-                  "prompt_history": args.prompt_history, **(env_kwargs or {})}  # fmt: skip
+                  "prompt_history": args.prompt_history, "retrieval_k": args.retrieval_k,
+                  "dataset_path": args.dataset_path,
+                  **(env_kwargs or {})}  # fmt: skip
     envs = [DeepRecEnv(**env_kwargs) for _ in range(args.rollout_batch)]
     users = training_users(envs[0], args)
-    if len(users) == 0:
+    if len(users) < world:
         raise ValueError(
-            f"no training user has its target in the TRM's top-{args.difficulty_top}; raise difficulty_top"
+            f"{len(users)} training users have their target in the TRM's top-{args.difficulty_top}; "
+            f"need at least {world}: raise difficulty_top"
         )
-    policy = LLMPolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, name="grpo")
-    for step in tqdm(range(start, args.steps), desc=f"{args.stage}", disable=not progress, initial=start,
+    policy = LLMPolicy(accelerator.unwrap_model(model), tok, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, name="grpo")  # fmt: skip
+    for step in tqdm(range(start, args.steps), desc=f"{args.stage}", disable=not (progress and main), initial=start,
                      total=args.steps):  # fmt: skip
         t0 = time.perf_counter()
-        rng = _step_rng(args.seed, step)
-        policy.generator.manual_seed(int(rng.integers(2**62)))
-        chosen = rng.choice(users, size=min(args.users_per_step, len(users)), replace=False)
-        model.eval()
-        rollouts = collect_rollouts(policy, envs, [int(u) for u in chosen], args.group_size)
-        rewards = group_rewards(rollouts, args.group_size)
-        adv = compute_advantages(rewards, args.whiten).reshape(-1)
-        stats = train_step(model, optimizer, rollouts, adv, args, tok.pad_token_id, ref_model)
-        recs = [r.record for r in rollouts]
+        rng = _step_rng(args.seed, step)  # the same draw on every process
+        seed = int(rng.integers(2**62))
+        n_users = min(args.users_per_step, len(users)) // world * world
+        chosen = rng.choice(users, size=n_users, replace=False)
+        policy.generator.manual_seed(seed + rank)
+        accelerator.unwrap_model(model).eval()
+        rollouts = collect_rollouts(policy, envs, [int(u) for u in chosen[rank::world]], args.group_size)
+        local = torch.as_tensor(group_rewards(rollouts, args.group_size), device=accelerator.device)
+        rewards = accelerator.gather(local).cpu().numpy()  # (n_users, G), process by process
+        adv = compute_advantages(rewards, args.whiten)[rank * len(local) : (rank + 1) * len(local)].reshape(-1)
+        stats = train_step(model, optimizer, rollouts, adv, args, tok.pad_token_id, ref_model, accelerator)
+        keys = sorted(rollouts[0].record.reward_components)
+        rows = torch.tensor([_stats_row(r.record, keys) for r in rollouts], device=accelerator.device)
+        rows = accelerator.gather(rows).cpu().numpy().mean(axis=0)
+        totals = accelerator.reduce(torch.tensor([stats["loss"], stats["kl"], stats["policy_tokens"]],
+                                                 dtype=torch.float64, device=accelerator.device), "sum")  # fmt: skip
         entry = {
             "step": step,
             "stage": args.stage,
-            "reward": float(rewards.mean()),
-            **{
-                f"reward_{k}": float(np.mean([r.reward_components[k] for r in recs])) for k in recs[0].reward_components
-            },
-            "format_fail": float(np.mean([bool(r.format_errors) for r in recs])),
-            "calls": float(np.mean([r.calls for r in recs])),
-            "tokens": float(np.mean([r.tokens for r in recs])),
-            **stats,
-            "seconds": time.perf_counter() - t0,
+            "reward": float(rows[0]),
+            **{f"reward_{k}": float(v) for k, v in zip(keys, rows[4:], strict=True)},
+            "format_fail": float(rows[1]),
+            "calls": float(rows[2]),
+            "tokens": float(rows[3]),
+            "loss": float(totals[0]) / world,
+            "grad_norm": stats["grad_norm"],
+            "kl": float(totals[1]) / world,
+            "policy_tokens": int(totals[2]),
+            "processes": world,
         }
-        save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
-        if args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            model.eval()
+        save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, accelerator)
+        if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            accelerator.unwrap_model(model).eval()
             entry.update(validate(policy, env_kwargs, args.val_users))
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-    plot_curves(log_path, out / "curves.png")
+        entry["seconds"] = time.perf_counter() - t0
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        accelerator.wait_for_everyone()
+    if main:
+        plot_curves(log_path, out / "curves.png")
+    accelerator.wait_for_everyone()
     return ckpt
 
 
