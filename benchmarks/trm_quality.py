@@ -2,7 +2,7 @@
 
 Compares popularity, SASRec and the PreferenceTRM with no, oracle and misleading preferences.
 
-    python -m benchmarks.trm_quality                 # embedded ml-100k, ~6 min on a 2-core CPU
+    python -m benchmarks.trm_quality                 # embedded ml-100k, ~15 min on a 2-core CPU
     python -m benchmarks.trm_quality --smoke         # tiny synthetic run (used by the tests)
 """
 
@@ -30,6 +30,10 @@ from deeprec_env.trm import (
 )
 
 KS_RECALL, KS_NDCG = (1, 5, 10, 20), (5, 10, 20)
+SASREC_LONG_PATIENCE = 20
+"""Early-stopping patience of SASRec runs longer than the TRM's epoch budget (trained to convergence)."""
+SASREC_ALT = {"max_len": 50, "batch_size": 256, "dropout": 0.2}
+"""A second SASRec setting: the common SASRec choice of a 50-item window (and this package's former TRM defaults)."""
 COLUMNS = ["model", "preference", *[f"recall@{k}" for k in KS_RECALL], *[f"ndcg@{k}" for k in KS_NDCG], "train_s"]
 
 
@@ -41,6 +45,7 @@ def run(
     progress: bool = True,
     save_dir=None,
     sasrec_epochs: tuple[int, ...] = (40,),
+    sasrec_alt: tuple[dict, int] | None = None,
 ) -> dict:
     test = dataset.split("test")
     excl = [test.history(i, 10**9) for i in range(len(test))] if exclude_history else None
@@ -49,15 +54,19 @@ def run(
     pop_ranks = full_ranks(np.tile(pop, (len(test), 1)), test.targets, excl)
     rows.append({"model": "popularity", "preference": "-", **rank_metrics(pop_ranks, KS_RECALL, KS_NDCG)})
 
-    for epochs in sasrec_epochs:
-        sas_cfg = replace(config, use_text=False, use_preference=False, score="dot", max_epochs=epochs)
+    variants = [({}, epochs, "") for epochs in sasrec_epochs]
+    if sasrec_alt is not None:
+        alt, epochs = sasrec_alt
+        variants.append((alt, epochs, ", " + ", ".join(f"{k}={v}" for k, v in alt.items())))
+    for overrides, epochs, label in variants:
+        sas_cfg = replace(config, use_text=False, use_preference=False, score="dot", max_epochs=epochs, **overrides)
         if epochs > config.max_epochs:
-            sas_cfg = replace(sas_cfg, patience=max(config.patience, 10))
+            sas_cfg = replace(sas_cfg, patience=max(config.patience, SASREC_LONG_PATIENCE))
         t = time.perf_counter()
         sas, sas_log = train_trm(dataset, sas_cfg, encoder, progress=progress)
         sas_s = time.perf_counter() - t
         r = evaluate_ranks(sas, dataset, "test", exclude_history=exclude_history)
-        name = f"SASRec (ID only), <= {epochs} epochs ({sas_log['epochs_run']} run)"
+        name = f"SASRec (ID only){label}, <= {epochs} epochs ({sas_log['epochs_run']} run)"
         rows.append({"model": name, "preference": "-", **rank_metrics(r, KS_RECALL, KS_NDCG), "train_s": sas_s})
 
     # the environment's TRM: trained once and cached, so the env and this table use the same model
@@ -90,7 +99,9 @@ def main(argv=None) -> None:
     ap.add_argument("--exclude-history", action="store_true", help="mask history items from the ranking")
     ap.add_argument("--save", default=None, help="also save the trained TRM checkpoint to this folder")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    ap.add_argument("--sasrec-epochs", default="40,100", help="epoch budgets of the SASRec baselines")
+    ap.add_argument("--sasrec-epochs", default="40,200", help="epoch budgets of the SASRec baselines")
+    ap.add_argument("--sasrec-alt-epochs", type=int, default=100,
+                    help=f"epoch budget of a SASRec with {SASREC_ALT} (0: skip it)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, tiny model, seconds")
     args = ap.parse_args(argv)
 
@@ -104,8 +115,9 @@ def main(argv=None) -> None:
     else:
         dataset = load_dataset(args.dataset, args.path, metadata=args.metadata)
     budgets = (2,) if args.smoke else tuple(int(x) for x in args.sasrec_epochs.split(","))
+    alt = None if args.smoke or not args.sasrec_alt_epochs else (SASREC_ALT, args.sasrec_alt_epochs)
     result = run(dataset, config, encoder, args.exclude_history, progress=not args.smoke, save_dir=args.save,
-                 sasrec_epochs=budgets)  # fmt: skip
+                 sasrec_epochs=budgets, sasrec_alt=alt)  # fmt: skip
     protocol = {
         "dataset": f"{dataset.name} ({dataset.n_users} users, {dataset.n_items} items, "
         f"{dataset.n_interactions} interactions after filtering)",
@@ -115,8 +127,9 @@ def main(argv=None) -> None:
         "ranking": "full ranking over the whole catalogue, single target, ties by item id",
         "history items": "masked" if args.exclude_history else "not masked",
         "users": f"all {len(dataset.split('test'))} test users",
-        "models": f"SASRec = same encoder, ID only, dot product, no preference, at each epoch budget "
-        f"(patience 10 past {config.max_epochs} epochs); PreferenceTRM = {config}",
+        "models": f"SASRec = same encoder and training code, ID only, dot product, no preference, at each "
+        f"epoch budget (patience {SASREC_LONG_PATIENCE} for budgets past {config.max_epochs} epochs), with the "
+        f"TRM's settings unless the row says otherwise; PreferenceTRM = {config}",
         "text encoder": args.encoder,
         "seed": args.seed,
         "early stopping": "best validation NDCG@10 (no preference)",
