@@ -61,7 +61,7 @@ def tiny_encoder(tiny_encoder_path):
     return TextEncoder(tiny_encoder_path)
 
 
-TINY_TRM = dict(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=3, batch_size=32, lr=5e-3)
+TINY_TRM = dict(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=3, batch_size=32, lr=5e-3, dropout=0.2)
 
 
 @pytest.fixture(scope="session")

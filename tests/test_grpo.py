@@ -145,7 +145,7 @@ def test_lora_trains_the_adapter_only_and_resumes(tmp_path, tiny_lm_path, env_kw
     assert [x["step"] for x in log] == [0, 1]
 
 
-DDP_JOB = '''
+DDP_JOB = """
 import hashlib, json, sys
 import numpy as np
 import agents.grpo as grpo
@@ -171,7 +171,7 @@ args = GRPOArgs(model=lm, steps=1, users_per_step=2, group_size=2, max_new_token
 train(args, dict(dataset="synthetic", encoder=enc, trm=TRMConfig(**json.loads(trm))), progress=False)
 with open(f"{out}/initial.txt", "w") as f:
     f.write(digest(load_causal_lm(lm)[0]))
-'''
+"""
 
 
 @pytest.mark.slow

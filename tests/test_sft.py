@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from agents.sft import SFTArgs, TranscriptRecorder, demonstrations, make_teacher, train_sft
+from agents.sft import SFTArgs, demonstrations, make_teacher, train_sft
 
 
 def _tok(path):
