@@ -418,10 +418,14 @@ def plot_curves(log_path: Path, png: Path) -> None:
     if not rows:
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    steps = [r["step"] for r in rows]
+    stages = list(dict.fromkeys(r.get("stage", "") for r in rows))
     for ax, key in zip(axes, ("reward", "calls", "format_fail"), strict=True):
-        ax.plot(steps, [r[key] for r in rows], marker="o")
+        for stage in stages:  # one line per stage: the stages' rewards are on different scales
+            part = [r for r in rows if r.get("stage", "") == stage]
+            ax.plot([r["step"] for r in part], [r[key] for r in part], marker="o", label=stage)
         ax.set_title(key)
+        if len(stages) > 1:
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

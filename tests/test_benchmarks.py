@@ -56,3 +56,16 @@ def test_readme_results_match_result_files():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     current = readme.split(START, 1)[1].split(END, 1)[0].strip()
     assert current == section().strip(), "README results are stale: run python -m benchmarks.report"
+
+
+def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys):
+    from benchmarks import curriculum_cpu
+
+    out = tmp_path / "res"
+    curriculum_cpu.main(["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path),
+                         "--out", str(out), "--run", str(tmp_path / "run")])  # fmt: skip
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["coldstart", "rec"]
+    text = (out / "README.md").read_text()
+    assert "python -m benchmarks.curriculum_cpu --smoke" in text and "| coldstart |" in text
+    assert (out / "curves.png").is_file() and (out / "warmstart.jsonl").is_file()
