@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from agents.rollout import Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
+from agents.rollout import Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs, training_env_kwargs
 
 
 @dataclass(frozen=True)
@@ -346,10 +346,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
             else []
         )
         log_path.write_text("".join(ln + "\n" for ln in lines))
-    env_kwargs = {"dataset": args.dataset, "stage": args.stage, "prompt": args.prompt, "split": "train",
-                  "prompt_history": args.prompt_history, "retrieval_k": args.retrieval_k,
-                  "dataset_path": args.dataset_path,
-                  **(env_kwargs or {})}  # fmt: skip
+    env_kwargs = training_env_kwargs(args, args.stage, env_kwargs)
     envs = [DeepRecEnv(**env_kwargs) for _ in range(args.rollout_batch)]
     users = training_users(envs[0], args)
     if len(users) < world:

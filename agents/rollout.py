@@ -60,6 +60,17 @@ def collect_rollouts(
     return out
 
 
+def training_env_kwargs(args, stage: str, extra: dict | None = None) -> dict:
+    """Environment settings of a training run (``extra`` wins over them).
+
+    The train split plus the episode fields that the RL stages and the warm start share: dataset,
+    prompt, history shown, items per call.
+    """
+    return {"dataset": args.dataset, "dataset_path": args.dataset_path, "stage": stage, "prompt": args.prompt,
+            "split": "train", "prompt_history": args.prompt_history, "retrieval_k": args.retrieval_k,
+            **(extra or {})}  # fmt: skip
+
+
 def pad_batch(trajectories: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` (policy tokens) of trajectories."""
     width = max(len(t.ids) for t in trajectories)

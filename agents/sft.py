@@ -26,7 +26,7 @@ import torch
 
 from agents.base import Policy, play_episodes
 from agents.llm import Trajectory, prompt_text
-from agents.rollout import pad_batch, token_logprobs
+from agents.rollout import pad_batch, token_logprobs, training_env_kwargs
 
 
 @dataclass(frozen=True)
@@ -178,10 +178,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, tok = load_causal_lm(args.model, device=args.device, dtype=args.dtype)
-    env_kwargs = {"dataset": args.dataset, "stage": "rec", "prompt": args.prompt, "split": "train",
-                  "prompt_history": args.prompt_history, "retrieval_k": args.retrieval_k,
-                  "dataset_path": args.dataset_path,
-                  **(env_kwargs or {})}  # fmt: skip
+    env_kwargs = training_env_kwargs(args, "rec", env_kwargs)
     from deeprec_env.env import EnvConfig, get_resources
 
     n_users = len(get_resources(EnvConfig(**env_kwargs)).dataset.split("train"))
