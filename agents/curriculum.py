@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agents.grpo import GRPOArgs, plot_curves, train
+from agents.rollout import episode_settings
 from agents.sft import SFTArgs, train_sft
 
 
@@ -30,11 +31,14 @@ def run_curriculum(base: GRPOArgs, coldstart_steps: int, rec_steps: int, env_kwa
     """
     out = Path(base.out)
     if warm_start is not None:
-        ws = replace(warm_start, model=base.model, dataset=base.dataset, dataset_path=base.dataset_path,
-                     prompt=base.prompt,
-                     prompt_history=base.prompt_history, retrieval_k=base.retrieval_k, device=base.device,
-                     dtype=base.dtype,
-                     out=str(out / "warmstart"))  # fmt: skip
+        ws = replace(
+            warm_start,
+            **episode_settings(base),
+            model=base.model,
+            device=base.device,
+            dtype=base.dtype,
+            out=str(out / "warmstart"),
+        )
         base = replace(base, model=str(train_sft(ws, env_kwargs, progress=progress)))
     stage1 = replace(base, stage="coldstart", steps=coldstart_steps, users="first-half", out=str(out / "coldstart"))
     ckpt1 = train(stage1, env_kwargs, progress=progress)

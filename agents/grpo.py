@@ -24,12 +24,16 @@ from typing import Literal
 import numpy as np
 import torch
 
-from agents.rollout import Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs, training_env_kwargs
+from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
 
 
 @dataclass(frozen=True)
-class GRPOArgs:
-    """Every setting of one RL stage. Defaults run on a laptop CPU; see ``PAPER_SCALE`` for the paper's."""
+class GRPOArgs(EpisodeSettings):
+    """Every setting of one RL stage. Defaults run on a laptop CPU; see ``PAPER_SCALE`` for the paper's.
+
+    The episode fields (dataset, prompt, history shown, items per call) come from
+    :class:`~agents.rollout.EpisodeSettings`.
+    """
 
     model: str = "smollm2"
     """Policy to start from: 'smollm2' (embedded), a hub id, a local path or a checkpoint folder."""
@@ -63,16 +67,6 @@ class GRPOArgs:
     """Trajectories per forward/backward pass (gradient accumulation over the step)."""
     rollout_batch: int = 8
     """Episodes generated in lock step."""
-    dataset: str = "ml-100k"
-    """Dataset of the environment (ml-100k, ml-1m, amazon, atomic, synthetic)."""
-    dataset_path: str | None = None
-    """File or folder of the dataset (all but ml-100k and synthetic)."""
-    prompt: Literal["base", "chat"] = "chat"
-    """Prompt variant (chat for instruct models)."""
-    prompt_history: int = 20
-    """History items shown in the prompt (fewer: shorter prompts, faster steps on a CPU)."""
-    retrieval_k: int = 20
-    """Items the TRM returns per call (fewer: shorter contexts, faster steps on a CPU)."""
     difficulty_top: int = 100
     """Drop training users whose target is outside the TRM's top-N (no preference)."""
     users: str = "first-half"
@@ -229,14 +223,17 @@ def _sharded(accelerator) -> bool:
     return accelerator is not None and accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, accelerator=None) -> None:
+def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, accelerator=None,
+                    extra: dict | None = None) -> None:  # fmt: skip
     """Model, tokenizer, optimizer state and step, written to a temporary folder then renamed.
 
     Under ``accelerate`` every process calls this: sharded engines (DeepSpeed, FSDP) gather the
     weights and save their optimizer shards (``engine/``, via ``accelerator.save_state``); the main
     process writes the rest. A LoRA model saves its adapter only (``load_causal_lm`` reloads it).
+    ``extra`` is added to ``trainer_state.json`` (inside the same atomic rename).
     """
     main = accelerator is None or accelerator.is_main_process
+    sharded = _sharded(accelerator)
     tmp = path.parent / f".{path.name}.tmp"
     if main:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,16 +242,17 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, ac
     if accelerator is not None:
         accelerator.wait_for_everyone()
     try:
-        unwrapped = model if accelerator is None else accelerator.unwrap_model(model)
-        state = accelerator.get_state_dict(model) if _sharded(accelerator) else None  # collective
-        if _sharded(accelerator):
+        state = accelerator.get_state_dict(model) if sharded else None  # collective
+        if sharded:
             accelerator.save_state(str(tmp / "engine"))  # collective
         if main:
-            unwrapped.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+            unwrapped = model if accelerator is None else accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp, **({"state_dict": state} if sharded else {}))
             tokenizer.save_pretrained(tmp)
-            if not _sharded(accelerator):
+            if not sharded:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=2))
+            trainer_state = {"step": step, "args": asdict(args), **(extra or {})}
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             old = path.with_name(f".{path.name}.old")
             if path.exists():
                 shutil.rmtree(old, ignore_errors=True)
@@ -346,7 +344,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
             else []
         )
         log_path.write_text("".join(ln + "\n" for ln in lines))
-    env_kwargs = training_env_kwargs(args, args.stage, env_kwargs)
+    env_kwargs = args.env_kwargs(args.stage, env_kwargs)
     envs = [DeepRecEnv(**env_kwargs) for _ in range(args.rollout_batch)]
     users = training_users(envs[0], args)
     if len(users) < world:
@@ -364,7 +362,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         n_users = min(args.users_per_step, len(users)) // world * world
         chosen = rng.choice(users, size=n_users, replace=False)
         policy.generator.manual_seed(seed + rank)
-        accelerator.unwrap_model(model).eval()
+        policy.model.eval()  # the unwrapped model: the one that generates
         rollouts = collect_rollouts(policy, envs, [int(u) for u in chosen[rank::world]], args.group_size)
         local = torch.as_tensor(group_rewards(rollouts, args.group_size), device=accelerator.device)
         rewards = accelerator.gather(local).cpu().numpy()  # (n_users, G), process by process
@@ -391,7 +389,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         }
         save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, accelerator)
         if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            accelerator.unwrap_model(model).eval()
+            policy.model.eval()
             entry.update(validate(policy, env_kwargs, args.val_users))
         entry["seconds"] = time.perf_counter() - t0
         if main:

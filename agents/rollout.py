@@ -7,7 +7,8 @@ re-tokenised to find the inserted spans.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import torch
@@ -60,15 +61,33 @@ def collect_rollouts(
     return out
 
 
-def training_env_kwargs(args, stage: str, extra: dict | None = None) -> dict:
-    """Environment settings of a training run (``extra`` wins over them).
+@dataclass(frozen=True)
+class EpisodeSettings:
+    """The episode settings every training run on the train split shares (RL stages and warm start).
 
-    The train split plus the episode fields that the RL stages and the warm start share: dataset,
-    prompt, history shown, items per call.
+    A warm start and the RL stages after it must see the same episodes: the curriculum copies these
+    fields from one to the other (:func:`episode_settings`).
     """
-    return {"dataset": args.dataset, "dataset_path": args.dataset_path, "stage": stage, "prompt": args.prompt,
-            "split": "train", "prompt_history": args.prompt_history, "retrieval_k": args.retrieval_k,
-            **(extra or {})}  # fmt: skip
+
+    dataset: str = "ml-100k"
+    """Dataset of the environment (ml-100k, ml-1m, amazon, atomic, synthetic)."""
+    dataset_path: str | None = None
+    """File or folder of the dataset (all but ml-100k and synthetic)."""
+    prompt: Literal["base", "chat"] = "chat"
+    """Prompt variant (chat for instruct models)."""
+    prompt_history: int = 20
+    """History items shown in the prompt (fewer: shorter prompts, faster steps on a CPU)."""
+    retrieval_k: int = 20
+    """Items the TRM returns per call (fewer: shorter contexts, faster steps on a CPU)."""
+
+    def env_kwargs(self, stage: str, extra: dict | None = None) -> dict:
+        """Environment settings of a training run in ``stage`` on the train split (``extra`` wins)."""
+        return {**episode_settings(self), "stage": stage, "split": "train", **(extra or {})}
+
+
+def episode_settings(args: EpisodeSettings) -> dict:
+    """The :class:`EpisodeSettings` fields of ``args`` (any subclass) as a dict."""
+    return {f.name: getattr(args, f.name) for f in fields(EpisodeSettings)}
 
 
 def pad_batch(trajectories: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:

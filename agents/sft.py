@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,12 @@ import torch
 
 from agents.base import Policy, play_episodes
 from agents.llm import Trajectory, prompt_text
-from agents.rollout import pad_batch, token_logprobs, training_env_kwargs
+from agents.rollout import EpisodeSettings, pad_batch, token_logprobs
 
 
 @dataclass(frozen=True)
-class SFTArgs:
-    """Every setting of the warm start."""
+class SFTArgs(EpisodeSettings):
+    """Every setting of the warm start (the episode fields must match the RL stages that follow)."""
 
     model: str = "smollm2"
     """Model to fine-tune: 'smollm2' (embedded), a hub id or a local path."""
@@ -53,16 +53,6 @@ class SFTArgs:
     """Adam betas."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
-    dataset: str = "ml-100k"
-    """Dataset of the environment (ml-100k, ml-1m, amazon, atomic, synthetic)."""
-    dataset_path: str | None = None
-    """File or folder of the dataset (all but ml-100k and synthetic)."""
-    prompt: str = "chat"
-    """Prompt variant (must match the RL stages)."""
-    prompt_history: int = 20
-    """History items shown in the prompt (must match the RL stages)."""
-    retrieval_k: int = 20
-    """Items the TRM returns per call (must match the RL stages)."""
     device: str = "cpu"
     """Torch device."""
     dtype: str = "float32"
@@ -178,7 +168,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, tok = load_causal_lm(args.model, device=args.device, dtype=args.dtype)
-    env_kwargs = training_env_kwargs(args, "rec", env_kwargs)
+    env_kwargs = args.env_kwargs("rec", env_kwargs)
     from deeprec_env.env import EnvConfig, get_resources
 
     n_users = len(get_resources(EnvConfig(**env_kwargs)).dataset.split("train"))
@@ -220,11 +210,8 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
             step += 1
     bar.close()
     model.eval()
-    save_checkpoint(ckpt, model, tok, optimizer, step, args)
     summary = {
-        "step": step,
         "done": True,
-        "args": asdict(args),
         "demonstrations": len(trajs),
         "dropped": len(users) - len(trajs),
         "teacher_calls_mean": float(np.mean([r.calls for r in recs])),
@@ -232,7 +219,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
         "mean_tokens": float(np.mean([len(t.ids) for t in trajs])),
         "seconds": time.perf_counter() - t0,
     }
-    state_file.write_text(json.dumps(summary, indent=2))
+    save_checkpoint(ckpt, model, tok, optimizer, step, args, extra=summary)  # "done" lands with the weights
     return ckpt
 
 
