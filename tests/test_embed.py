@@ -43,3 +43,31 @@ def test_embedded_minilm_matches_sentence_transformers():
     assert enc.dim == 384
     # sentence-transformers/all-MiniLM-L6-v2 gives 0.7553 for this pair
     assert abs(float(v[0] @ v[1]) - 0.7553) < 2e-3
+
+
+TEXTS = ["drama", "a funny comedy movie about old romance", "dark horror", "light", "sad new action thriller movies"]
+
+
+def test_onnx_backend_matches_torch(tiny_encoder_path, tiny_encoder):
+    pytest.importorskip("onnxruntime")
+    enc = TextEncoder(tiny_encoder_path, backend="onnx", cache_size=0)
+    assert enc.id == tiny_encoder.id  # same function, so caches are shared
+    want = TextEncoder(tiny_encoder_path, cache_size=0).encode(TEXTS)
+    np.testing.assert_allclose(enc.encode(TEXTS), want, atol=1e-5)  # one padded batch
+    for t, w in zip(TEXTS, want, strict=True):  # single texts of other lengths than the export's sample
+        np.testing.assert_allclose(enc.encode([t])[0], w, atol=1e-5)
+    files = list((cache_dir() / "onnx").glob("*.onnx"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = TextEncoder(tiny_encoder_path, backend="onnx")  # reuses the exported file
+    assert files[0].stat().st_mtime_ns == stamp
+    np.testing.assert_allclose(again.encode(TEXTS), want, atol=1e-5)
+
+
+def test_backend_errors(tiny_encoder_path):
+    import torch
+
+    with pytest.raises(ValueError, match="backend='tensorrt'"):
+        TextEncoder(tiny_encoder_path, backend="tensorrt")
+    with pytest.raises(ValueError, match="float32 model on CPU"):
+        TextEncoder(tiny_encoder_path, backend="onnx", dtype=torch.bfloat16)

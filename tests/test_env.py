@@ -326,3 +326,24 @@ def test_incremental_counts_match_full_text(make_env, segments):
         assert ep.count(pat) == ep.response.count(pat)
     for marker in ("</think>", "<|end_of_item_list|>"):
         assert ep.after_last(marker) == ep.response.rpartition(marker)[2] or marker not in ep.response
+
+
+def test_onnx_encoder_backend(env_kwargs, resources):
+    """encoder_backend='onnx' reaches the env's encoder and retrieves what the torch backend retrieves."""
+    pytest.importorskip("onnxruntime")
+    from deeprec_env.embed import TextEncoder
+    from deeprec_env.retrieval import Retriever
+
+    env = gym.make("DeepRec-v0", **env_kwargs, encoder_backend="onnx")
+    assert env.unwrapped.res.encoder.backend == "onnx"
+    torch_r = resources.retriever
+    onnx_r = Retriever(torch_r.trm, TextEncoder(env_kwargs["encoder"], backend="onnx"), index=torch_r.index)
+    test = resources.dataset.split("test")
+    hist = [test.history(i, torch_r.max_len) for i in range(8)]
+    prefs = ["drama", "light comedy", "", "dark thriller; old romance", "action", "sad movies", "new", "funny"]
+    a_ids, a_scores = torch_r.retrieve(hist, prefs, k=10)
+    b_ids, b_scores = onnx_r.retrieve(hist, prefs, k=10)
+    np.testing.assert_allclose(b_scores, a_scores, atol=1e-5)
+    assert np.array_equal(a_ids, b_ids)
+    with pytest.raises(ValueError, match="encoder_backend='tensorrt'"):
+        gym.make("DeepRec-v0", **env_kwargs, encoder_backend="tensorrt")
