@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warm-start-episodes", type=int, default=SFTArgs.episodes)
     ap.add_argument("--warm-start-epochs", type=int, default=SFTArgs.epochs)
     ap.add_argument("--warm-start-lr", type=float, default=SFTArgs.lr)
+    ap.add_argument("--warm-start-calls", default=",".join(map(str, SFTArgs.teacher_calls)),
+                    help="calls per demonstration, drawn per episode from this list (e.g. '1,2')")  # fmt: skip
     add_dataclass_args(ap, GRPOArgs, skip=("stage", "steps", "users"))
     ns = ap.parse_args(argv)
     base = from_args(GRPOArgs, ns, defaults_for=("stage", "steps", "users"))
@@ -75,8 +77,12 @@ def main(argv=None) -> None:
         base = replace(base, out="runs/curriculum")
     warm = None
     if ns.warm_start != "none":
-        warm = SFTArgs(teacher=ns.warm_start, episodes=ns.warm_start_episodes, epochs=ns.warm_start_epochs,
-                       lr=ns.warm_start_lr, seed=base.seed)  # fmt: skip
+        try:
+            calls = tuple(int(c) for c in ns.warm_start_calls.split(","))
+        except ValueError:
+            ap.error(f"--warm-start-calls {ns.warm_start_calls!r}: expected integers separated by commas, e.g. 1,2")
+        warm = SFTArgs(teacher=ns.warm_start, teacher_calls=calls, episodes=ns.warm_start_episodes,
+                       epochs=ns.warm_start_epochs, lr=ns.warm_start_lr, seed=base.seed)  # fmt: skip
     ckpt = run_curriculum(base, ns.coldstart_steps, ns.rec_steps, warm_start=warm)
     print(f"final checkpoint: {ckpt}; logs and curves under {base.out}")
 

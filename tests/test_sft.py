@@ -78,6 +78,14 @@ def test_cli_parses_number_tuples():
         ap.parse_args(["--teacher-calls", "a,b"])
 
 
+def test_curriculum_cli_rejects_bad_warm_start_calls(capsys):
+    from agents import curriculum
+
+    with pytest.raises(SystemExit):
+        curriculum.main(["--warm-start", "history-facet", "--warm-start-calls", "1,x"])
+    assert "expected integers separated by commas" in capsys.readouterr().err
+
+
 def test_curriculum_starts_stage1_from_the_warm_start(tmp_path, tiny_lm_path, env_kwargs, resources):
     from agents.curriculum import run_curriculum
     from agents.grpo import GRPOArgs
