@@ -442,7 +442,7 @@ class DeepRecEnv(gym.Env[str, str]):
                     continue
             item = self.catalog.ground(title, fuzzy_cutoff=self.config.fuzzy_cutoff) if title else None
             if item is not None and item != target and self.catalog.titles[item] == self.catalog.titles[target]:
-                item = target  # the same title under two ids (ml-100k has 18 such pairs) names the target
+                item = target  # the same title under two ids (9 in ml-100k after filtering) names the target
             out.append(item)
         return out
 
