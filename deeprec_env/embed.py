@@ -15,6 +15,7 @@ with one are valid for the other. The onnx backend needs the ``fast`` extra
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from collections import OrderedDict
@@ -203,7 +204,10 @@ def _onnx_session(model: torch.nn.Module, tokenizer, key: str):
                 verbose=False,
             )
 
+        quiet = logging.getLogger("torch.onnx")  # it logs its progress and skipped optional packages
+        level = quiet.level
         try:
+            quiet.setLevel(logging.ERROR)
             with warnings.catch_warnings():  # the exporter's notes on axis names and deprecations
                 warnings.simplefilter("ignore")
                 atomic_write(path, export)
@@ -211,6 +215,8 @@ def _onnx_session(model: torch.nn.Module, tokenizer, key: str):
             raise RuntimeError(
                 f"exporting this encoder to ONNX failed ({type(e).__name__}: {e}); use backend='torch'"
             ) from e
+        finally:
+            quiet.setLevel(level)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     # No busy-waiting between runs: spinning threads steal the cores PyTorch's TRM forward needs next

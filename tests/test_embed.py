@@ -64,8 +64,14 @@ def test_onnx_backend_matches_torch(tiny_encoder_path, tiny_encoder):
     np.testing.assert_allclose(again.encode(TEXTS), want, atol=1e-5)
 
 
-def test_backend_errors(tiny_encoder_path):
+def test_backend_errors(tiny_encoder_path, monkeypatch):
+    import sys
+
     import torch
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the fast extra were not installed
+    with pytest.raises(ImportError, match=r"deeprec-env\[fast\]"):
+        TextEncoder(tiny_encoder_path, backend="onnx")
 
     with pytest.raises(ValueError, match="backend='tensorrt'"):
         TextEncoder(tiny_encoder_path, backend="tensorrt")
