@@ -1,6 +1,6 @@
 """The two-stage curriculum on a CPU: SmolLM2-135M on the embedded ml-100k, warm-started.
 
-    python -m benchmarks.curriculum_cpu             # ~61 min on a 2-core CPU
+    python -m benchmarks.curriculum_cpu             # ~58 min on a 2-core CPU
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 Runs ``agents.curriculum`` with the settings below (warm start on history-facet transcripts, then
