@@ -6,7 +6,7 @@ with ``AutoModel`` works too.
 
 Two backends run the same function: ``torch`` (default; any device and dtype) and ``onnx`` (CPU,
 float32): the model plus pooling is exported once with ``torch.onnx.export`` and run by onnxruntime,
-whose fused kernels make one short query several times faster than eager PyTorch on a CPU (see
+whose fused kernels encode one short query about twice as fast as eager PyTorch on a CPU (see
 ``benchmarks/retrieval_speed.py``). Both give the same vectors to float32 rounding, so caches built
 with one are valid for the other. The onnx backend needs the ``fast`` extra
 (``pip install 'deeprec-env[fast]'``: onnxruntime, onnx, onnxscript).
@@ -82,6 +82,7 @@ class TextEncoder:
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self._pooled = _Pooled(self.model)
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
@@ -90,7 +91,7 @@ class TextEncoder:
         self.backend = backend
         self._session = self._inputs = None
         if backend == "onnx":
-            self._session, self._inputs = _onnx_session(self.model, self.tokenizer, self.id)
+            self._session, self._inputs = _onnx_session(self._pooled, self.tokenizer, self.id)
 
     @torch.inference_mode()
     def _forward(self, texts: list[str]) -> np.ndarray:
@@ -102,10 +103,7 @@ class TextEncoder:
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        out = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
-        pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+        return self._pooled(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).cpu().numpy()
 
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         """Embed ``texts`` in batches; returns a float32 ``(len(texts), dim)`` array of unit rows.
@@ -157,7 +155,7 @@ class TextEncoder:
 
 
 class _Pooled(torch.nn.Module):
-    """The encoder plus mean pooling and L2 normalisation, as one graph for the ONNX export."""
+    """The encoder plus mean pooling and L2 normalisation (the torch backend's forward, the onnx export)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -173,8 +171,8 @@ class _Pooled(torch.nn.Module):
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
-def _onnx_session(model: torch.nn.Module, tokenizer, key: str):
-    """An onnxruntime session over ``model`` + pooling, exported once under ``cache_dir()/onnx``."""
+def _onnx_session(pooled: _Pooled, tokenizer, key: str):
+    """An onnxruntime session over ``pooled``, exported once under ``cache_dir()/onnx``."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -193,7 +191,7 @@ def _onnx_session(model: torch.nn.Module, tokenizer, key: str):
         def export(tmp: Path) -> None:
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
             torch.onnx.export(
-                _Pooled(model).eval(),
+                pooled,
                 tuple(sample[n] for n in names),
                 str(tmp),
                 input_names=list(names),
