@@ -92,17 +92,18 @@ def measure(retriever: Retriever, histories, rng, n_single: int, n_batches: int,
     }
 
 
+def shared_fraction(x: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Mean fraction of items two ``(n, k)`` top-``k`` id arrays have in common, row by row."""
+    return float(np.mean([len(set(r) & set(s)) / k for r, s in zip(x, y, strict=True)]))
+
+
 def recall_vs_exact(exact: ItemIndex, approx: ItemIndex, q: np.ndarray, k: int = 20) -> float:
-    a, _ = approx.search(q, k)
-    e, _ = exact.search(q, k)
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, e, strict=True)]))
+    return shared_fraction(approx.search(q, k)[0], exact.search(q, k)[0], k)
 
 
 def overlap(a: Retriever, b: Retriever, histories, prefs: list[str], k: int = 20) -> float:
     """Mean fraction of shared items between two retrievers' top-``k`` for the same queries."""
-    x, _ = a.retrieve(histories, prefs, k)
-    y, _ = b.retrieve(histories, prefs, k)
-    return float(np.mean([len(set(r) & set(s)) / k for r, s in zip(x, y, strict=True)]))
+    return shared_fraction(a.retrieve(histories, prefs, k)[0], b.retrieve(histories, prefs, k)[0], k)
 
 
 def main(argv=None) -> None:
