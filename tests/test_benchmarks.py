@@ -74,3 +74,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     text = (out / "README.md").read_text()
     assert "python -m benchmarks.curriculum_cpu --smoke" in text and "| coldstart |" in text
     assert (out / "curves.png").is_file() and (out / "warmstart.jsonl").is_file()
+    assert "- wall clock: " in text and "cache at start: " in text  # a fresh run folder: the command is timed
+    assert json.loads((out / "settings.json").read_text())["timing"]["seconds"] > 0
+    curriculum_cpu.main(["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path),
+                         "--out", str(out), "--run", str(tmp_path / "run")])  # fmt: skip
+    assert "wall clock" not in (out / "README.md").read_text()  # resumed: the time would not be the run's
