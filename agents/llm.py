@@ -152,6 +152,8 @@ class LLMPolicy(Policy):
         top_p: nucleus sampling threshold.
         seed: seed of the policy's own sampling generator.
         name: label in result tables.
+        engine: an optional rollout engine (:class:`agents.vllm_engine.VLLMEngine`) that generates the
+            segments instead of ``model.generate``; ``model`` stays the policy being trained.
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class LLMPolicy(Policy):
         top_p: float = 1.0,
         seed: int = 0,
         name: str | None = None,
+        engine=None,
     ) -> None:
         import torch
 
@@ -188,6 +191,7 @@ class LLMPolicy(Policy):
         self.temperature = temperature
         self.top_p = top_p
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.engine = engine
 
     # -- episode state -------------------------------------------------------------------------
 
@@ -230,10 +234,33 @@ class LLMPolicy(Policy):
         return texts
 
     def generate(self, contexts: list[list[int]], stops: list[tuple[str, ...]]):
-        """Generate one segment per context (left-padded batch); cut each at its first stop string or EOS.
+        """Generate one segment per context; cut each at its first stop string or EOS.
 
-        Returns ``(token_ids, logprobs, text)`` per context; the text ends with the stop string.
+        Through ``model.generate`` (a left-padded batch) or, when the policy has one, the rollout
+        engine. Returns ``(token_ids, logprobs, text)`` per context; the text ends with the stop string.
         """
+        raw = self._engine_generate(contexts, stops) if self.engine is not None else self._hf_generate(contexts, stops)
+        eos = set(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist()) | {
+            self.tokenizer.eos_token_id
+        }
+        results = []
+        for (ids, lp), stop in zip(raw, stops, strict=True):
+            cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
+            cut = self._stop_cut(ids[:cut], stop)
+            ids, lp = ids[:cut], lp[:cut]
+            results.append((ids, lp, self.tokenizer.decode(ids, skip_special_tokens=False)))
+        return results
+
+    def _engine_generate(self, contexts: list[list[int]], stops: list[tuple[str, ...]]):
+        """``(ids, logprobs)`` per context from the rollout engine, one seed per request from the policy's generator."""
+        import torch
+
+        seeds = torch.randint(0, 2**62, (len(contexts),), generator=self.generator).tolist()
+        return self.engine.generate(contexts, stops, max_new_tokens=self.max_new_tokens,
+                                    temperature=self.temperature, top_p=self.top_p, seeds=seeds)  # fmt: skip
+
+    def _hf_generate(self, contexts: list[list[int]], stops: list[tuple[str, ...]]):
+        """``(ids, logprobs)`` per context from ``model.generate`` on a left-padded batch (uncut)."""
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -267,21 +294,10 @@ class LLMPolicy(Policy):
         new = out.sequences[:, width:].cpu()
         logps = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu() if out.scores else None
         results = []
-        eos = set(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist()) | {
-            self.tokenizer.eos_token_id
-        }
         for r in range(len(contexts)):
             ids = new[r].tolist()
-            cut = len(ids)
-            for j, t in enumerate(ids):
-                if t in eos:
-                    cut = j
-                    break
-            ids = ids[:cut]
-            cut = self._stop_cut(ids, stops[r])
-            ids = ids[:cut]
             lp = [float(logps[r, j, t]) for j, t in enumerate(ids)] if logps is not None else [0.0] * len(ids)
-            results.append((ids, lp, self.tokenizer.decode(ids, skip_special_tokens=False)))
+            results.append((ids, lp))
         return results
 
     def _stop_cut(self, ids: list[int], stops: tuple[str, ...]) -> int:

@@ -152,3 +152,19 @@ def build_tiny_lm(folder):
 @pytest.fixture(scope="session")
 def tiny_lm_path(tmp_path_factory):
     return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """Install the vLLM stand-in (tests/fake_vllm.py) as ``vllm``; yields the module (its ``ENGINES``)."""
+    import os
+    import sys
+
+    from tests import fake_vllm as module
+
+    module.ENGINES.clear()
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    had = "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ
+    yield module
+    if not had:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
