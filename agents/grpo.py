@@ -77,6 +77,11 @@ class GRPOArgs(EpisodeSettings):
     """Steps between validation evaluations."""
     lora_r: int = 0
     """LoRA rank through peft (0: full fine-tuning)."""
+    rollout_engine: Literal["transformers", "vllm"] = "transformers"
+    """Who generates rollouts: transformers' ``generate`` on the training model, or a colocated vLLM
+    engine that gets the weights after every step (needs vLLM; see :mod:`agents.vllm_engine`)."""
+    vllm_gpu_memory: float = 0.3
+    """Share of the accelerator's memory the vLLM engine may take (the trainer needs the rest)."""
     device: str = "cpu"
     """Torch device (use accelerate launch for several GPUs)."""
     dtype: str = "float32"
@@ -94,6 +99,10 @@ class GRPOArgs(EpisodeSettings):
             raise ValueError(f"whiten={self.whiten!r}; must be 'divide', 'multiply' or 'none'")
         if self.users not in ("first-half", "second-half", "all"):
             raise ValueError(f"users={self.users!r}; must be 'first-half', 'second-half' or 'all'")
+        if self.rollout_engine not in ("transformers", "vllm"):
+            raise ValueError(f"rollout_engine={self.rollout_engine!r}; must be 'transformers' or 'vllm'")
+        if not 0 < self.vllm_gpu_memory <= 1:
+            raise ValueError(f"vllm_gpu_memory={self.vllm_gpu_memory}; must be in (0, 1]")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high}; need 0 <= low < 1, high >= 0")
 
@@ -164,6 +173,14 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     n_tokens = sum(sum(r.trajectory.policy_mask) for r in rollouts)
     total_loss, kl_sum = 0.0, 0.0
     starts = list(range(0, len(rollouts), args.micro_batch))
+    # DeepSpeed accumulates over its configured number of micro-batches (``train`` sets it to this
+    # step's) and divides each loss by it; scale back so the gradient is the same as elsewhere.
+    ds_scale = 1.0
+    if _deepspeed(accelerator):
+        gas = accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
+        if gas != len(starts):
+            raise RuntimeError(f"{len(starts)} micro-batches this step, DeepSpeed accumulates {gas}")
+        ds_scale = float(gas)
     for s in starts:
         chunk = rollouts[s : s + args.micro_batch]
         batch = {k: v.to(device) for k, v in pad_batch([r.trajectory for r in chunk], pad_id).items()}
@@ -185,7 +202,7 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
             if accelerator is None:
                 loss.backward()
             else:
-                accelerator.backward(loss)
+                accelerator.backward(loss * ds_scale)  # DeepSpeed's engine steps on the last micro-batch
         total_loss += float(loss.detach())
     params = [p for p in model.parameters() if p.requires_grad]
     if accelerator is None:
@@ -216,6 +233,10 @@ def training_users(env, args: GRPOArgs) -> np.ndarray:
 
 def _step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator is not None and accelerator.distributed_type.name == "DEEPSPEED"
 
 
 def _sharded(accelerator) -> bool:
@@ -306,6 +327,10 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     from agents.llm import LLMPolicy, load_causal_lm
     from deeprec_env.env import DeepRecEnv
 
+    if args.rollout_engine == "vllm":
+        from agents.vllm_engine import require_vllm
+
+        require_vllm()  # before anything is loaded
     accelerator = Accelerator(cpu=torch.device(args.device).type == "cpu")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if args.users_per_step % world:
@@ -332,6 +357,10 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)
         ref_model.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
+    if _deepspeed(accelerator):  # one optimiser step per train step, clipped at args.grad_clip, inside the engine
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["gradient_accumulation_steps"] = -(-(args.users_per_step // world * args.group_size) // args.micro_batch)
+        ds["gradient_clipping"] = args.grad_clip
     if start and (ckpt / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -352,8 +381,15 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
             f"{len(users)} training users have their target in the TRM's top-{args.difficulty_top}; "
             f"need at least {world}: raise difficulty_top"
         )
+    engine = None
+    if args.rollout_engine == "vllm":
+        from agents.vllm_engine import VLLMEngine, engine_model_path
+
+        engine = VLLMEngine(engine_model_path(args.model), dtype=args.dtype, seed=args.seed + rank,
+                            gpu_memory_utilization=args.vllm_gpu_memory, distributed=world > 1)  # fmt: skip
+        engine.load_weights(accelerator.unwrap_model(model))  # a resumed or LoRA model differs from the files
     policy = LLMPolicy(accelerator.unwrap_model(model), tok, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, name="grpo")  # fmt: skip
+                       temperature=args.temperature, name="grpo", engine=engine)  # fmt: skip
     for step in tqdm(range(start, args.steps), desc=f"{args.stage}", disable=not (progress and main), initial=start,
                      total=args.steps):  # fmt: skip
         t0 = time.perf_counter()
@@ -368,6 +404,8 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         rewards = accelerator.gather(local).cpu().numpy()  # (n_users, G), process by process
         adv = compute_advantages(rewards, args.whiten)[rank * len(local) : (rank + 1) * len(local)].reshape(-1)
         stats = train_step(model, optimizer, rollouts, adv, args, tok.pad_token_id, ref_model, accelerator)
+        if engine is not None:
+            engine.load_weights(accelerator.unwrap_model(model))  # the next rollouts sample the updated policy
         keys = sorted(rollouts[0].record.reward_components)
         rows = torch.tensor([_stats_row(r.record, keys) for r in rollouts], device=accelerator.device)
         rows = accelerator.gather(rows).cpu().numpy().mean(axis=0)

@@ -102,6 +102,29 @@ def test_bad_args():
         GRPOArgs(group_size=0)
     with pytest.raises(ValueError, match="whiten='sqrt'"):
         GRPOArgs(whiten="sqrt")
+    with pytest.raises(ValueError, match="rollout_engine='sglang'"):
+        GRPOArgs(rollout_engine="sglang")
+    with pytest.raises(ValueError, match="vllm_gpu_memory=1.5"):
+        GRPOArgs(vllm_gpu_memory=1.5)
+
+
+def test_vllm_rollouts_get_the_weights_after_every_step(tmp_path, tiny_lm_path, env_kwargs, resources,
+                                                        varied_advantages, fake_vllm):  # fmt: skip
+    """rollout_engine='vllm' through the stand-in (tests/fake_vllm.py): rollouts come from the engine, and
+    the engine holds the trainer's weights at every step."""
+    from agents.llm import load_causal_lm
+
+    ckpt = train(_args(tmp_path, tiny_lm_path, steps=2, temperature=1.5, rollout_engine="vllm"), env_kwargs,
+                 progress=False)  # fmt: skip
+    (engine,) = fake_vllm.ENGINES
+    assert engine.requests > 0 and engine.engine_args["seed"] == 0
+    assert engine.weight_pushes == engine.prefix_resets == 3  # on loading, then after each of the 2 steps
+    served = dict(engine.model.hf.named_parameters())
+    trained, _ = load_causal_lm(str(ckpt))
+    for name, p in trained.named_parameters():
+        assert torch.equal(p, served[name]), name
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [0, 1] and all(np.isfinite(x["loss"]) and x["policy_tokens"] > 0 for x in log)
 
 
 def test_curriculum_runs_both_stages_from_the_stage1_checkpoint(tmp_path, tiny_lm_path, env_kwargs, resources):
