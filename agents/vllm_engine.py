@@ -41,24 +41,15 @@ def engine_model_path(model: str) -> str:
 
     The weights vLLM starts from do not matter much: the trainer pushes its own right after loading.
     """
-    import json
-    from pathlib import Path
+    from agents.llm import DEFAULT_MODEL, adapter_base, load_causal_lm, smollm2_folder
 
-    from agents.llm import DEFAULT_MODEL, load_causal_lm
-
-    adapter = Path(str(model)) / "adapter_config.json"
-    if adapter.is_file():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{adapter} names no base model (base_model_name_or_path)")
+    base = adapter_base(model)
+    if base is not None:
         return engine_model_path(base)
     if model == DEFAULT_MODEL:
-        from deeprec_env.data import cache_dir
-
-        cached = cache_dir() / "models" / "smollm2-135m-instruct"
-        if not (cached / "config.json").is_file():
+        if not (smollm2_folder() / "config.json").is_file():
             load_causal_lm(DEFAULT_MODEL)  # converts the GGUF file once into that folder
-        return str(cached)
+        return str(smollm2_folder())
     return str(model)
 
 

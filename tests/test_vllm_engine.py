@@ -93,3 +93,18 @@ def test_missing_vllm_is_a_clear_error(tiny_lm_path):
 
     with pytest.raises(ImportError, match="pip install vllm"):
         VLLMEngine(str(tiny_lm_path))
+
+
+def test_engine_loads_an_adapters_base_model(tmp_path, tiny_lm_path):
+    import json
+
+    from agents.vllm_engine import engine_model_path
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_lm_path)}))
+    assert engine_model_path(str(adapter)) == str(tiny_lm_path)
+    assert engine_model_path("org/some-model") == "org/some-model"
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="names no base model"):
+        engine_model_path(str(adapter))
