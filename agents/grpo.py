@@ -176,7 +176,8 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     # DeepSpeed accumulates over its configured number of micro-batches (``train`` sets it to this
     # step's) and divides each loss by it; scale back so the gradient is the same as elsewhere.
     ds_scale = 1.0
-    if _deepspeed(accelerator):
+    deepspeed = _deepspeed(accelerator)
+    if deepspeed:
         gas = accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
         if gas != len(starts):
             raise RuntimeError(f"{len(starts)} micro-batches this step, DeepSpeed accumulates {gas}")
@@ -202,8 +203,12 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
             if accelerator is None:
                 loss.backward()
             else:
-                accelerator.backward(loss * ds_scale)  # DeepSpeed's engine steps on the last micro-batch
+                if deepspeed:  # the engine reduces and steps at the boundary: the last micro-batch
+                    accelerator.sync_gradients = sync
+                accelerator.backward(loss * ds_scale)
         total_loss += float(loss.detach())
+    if deepspeed:
+        accelerator.sync_gradients = True
     params = [p for p in model.parameters() if p.requires_grad]
     if accelerator is None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)

@@ -197,26 +197,33 @@ with open(f"{out}/initial.txt", "w") as f:
 """
 
 
-@pytest.mark.slow
-def test_two_processes_under_torchrun(tmp_path, tiny_lm_path, tiny_encoder_path, resources):
-    """The DDP path for real: two CPU processes (gloo), rewards gathered, gradients averaged."""
+def _torchrun(out, tiny_lm_path, tiny_encoder_path, port: int, **env_extra) -> list[dict]:
+    """Run DDP_JOB in two CPU processes (gloo); returns its log."""
     import os
     import subprocess
     import sys
 
     from tests.conftest import TINY_TRM
 
-    script = tmp_path / "job.py"
+    out.mkdir(parents=True)
+    script = out / "job.py"
     script.write_text(DDP_JOB)
-    out = tmp_path / "run"
     # accelerate's own launcher needs MPI for several CPU processes; torchrun sets the same environment
     # (RANK, WORLD_SIZE, ...) that Accelerator reads, which is how multi-node GPU jobs launch too.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(script), str(tiny_lm_path), str(tiny_encoder_path), str(out), json.dumps(TINY_TRM)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **env_extra}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(tmp_path, tiny_lm_path, tiny_encoder_path, resources):
+    """The DDP path for real: two CPU processes (gloo), rewards gathered, gradients averaged."""
+    out = tmp_path / "run"
+    log = _torchrun(out, tiny_lm_path, tiny_encoder_path, 29517)
     assert len(log) == 1 and log[0]["processes"] == 2 and log[0]["grad_norm"] > 0
     # both users' groups were rolled out (one per process) and counted in the gathered statistics
     assert log[0]["policy_tokens"] > 0
