@@ -1,6 +1,6 @@
 """The two-stage curriculum on a CPU: SmolLM2-135M on the embedded ml-100k, warm-started.
 
-    python -m benchmarks.curriculum_cpu             # about an hour on a 2-core CPU
+    python -m benchmarks.curriculum_cpu             # ~52 min on a 2-core CPU, from an empty cache
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 Runs ``agents.curriculum`` with the settings below (warm start on history-facet transcripts, then
