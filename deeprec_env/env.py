@@ -89,7 +89,7 @@ from gymnasium import spaces
 
 from deeprec_env.data import PreprocessConfig, RecDataset, load_dataset, synthetic
 from deeprec_env.index import IndexConfig
-from deeprec_env.metrics import MISS, rank_in_list, rank_metrics
+from deeprec_env.metrics import MISS, rank_metrics
 from deeprec_env.protocol import (
     Action,
     Episode,
@@ -107,6 +107,7 @@ from deeprec_env.rewards import (
     COMPONENTS,
     diversity_reward,
     format_reward,
+    hit_index,
     hit_reward,
     invocation_reward,
     point_reward,
@@ -461,8 +462,10 @@ class DeepRecEnv(gym.Env[str, str]):
         comps["point"] = point_reward(ep, self.res.text_emb, self.res.item_vecs)
         info = self._step_info(act, comps)
         valid_ids = [i for i in ep.answer_ids if i is not None]
-        ranked = list(dict.fromkeys(valid_ids))
-        rank = MISS if ep.format_errors else rank_in_list(ranked, ep.target)
+        # The target's rank is its answer line: every line holds its position, grounded or not, repeated or
+        # not (the same index the rank reward uses). The counts below are diagnostics only.
+        line = hit_index(ep)
+        rank = MISS if ep.format_errors or line is None else line
         seen = set(self._full_history.tolist())
         info.update(
             target=ep.target,
@@ -471,7 +474,7 @@ class DeepRecEnv(gym.Env[str, str]):
             metrics=rank_metrics(np.array([rank])),
             hallucinated=sum(i is None for i in ep.answer_ids),
             seen=sum(i in seen for i in valid_ids),
-            duplicates=len(valid_ids) - len(ranked),
+            duplicates=len(valid_ids) - len(set(valid_ids)),
             format_errors=list(ep.format_errors),
         )
         return "", self._weighted(comps), terminated, not terminated, info

@@ -12,7 +12,7 @@ malformed episode) is ``-1``. Recall@k equals HitRate@k with one target.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -41,14 +41,6 @@ def rank_metrics(ranks: np.ndarray, recall_ks: Iterable[int] = (1, 5, 10), ndcg_
     out = {f"recall@{k}": recall_at_k(ranks, k) for k in recall_ks}
     out.update({f"ndcg@{k}": ndcg_at_k(ranks, k) for k in ndcg_ks})
     return out
-
-
-def rank_in_list(ranked: Sequence[int], target: int) -> int:
-    """0-based position of ``target`` in ``ranked``, or ``MISS``."""
-    for i, item in enumerate(ranked):
-        if int(item) == int(target):
-            return i
-    return MISS
 
 
 def full_ranks(scores: np.ndarray, targets: np.ndarray, exclude: list[np.ndarray] | None = None) -> np.ndarray:

@@ -71,6 +71,41 @@ def test_scripted_episode_rank_last(make_env):
     assert infos[-1]["rank"] == 9 and infos[-1]["metrics"]["recall@5"] == 0.0
 
 
+def _answer_with_target_at(env, lines_above):
+    """Episode with one call, then an answer whose lines ``lines_above`` precede the target."""
+    env.reset(options={"example": 3})
+    target = env.episode.target
+    env.step("Drama fan. " + CALL.format("drama"))
+    fill = other_titles(env, target, 10)
+    lines = [*lines_above, env.catalog.titles[target]]
+    lines += fill[len(fill) - (10 - len(lines)) :] if len(lines) < 10 else []
+    _, _, term, _, info = env.step(answer_segment(lines))
+    assert term and info["format_errors"] == []
+    return info
+
+
+@pytest.mark.parametrize("n_junk", [6, 9])
+def test_metrics_count_unmatched_lines_above_the_target(make_env, n_junk):
+    env = make_env(stage="rec")
+    info = _answer_with_target_at(env, [f"Totally Invented Film {i}" for i in range(n_junk)])
+    assert info["hallucinated"] == n_junk
+    assert info["rank"] == n_junk  # the target's answer line, as the rank reward counts it
+    assert info["reward_components"]["rank"] == pytest.approx(0.2 * (10 - n_junk))
+    assert info["metrics"]["recall@1"] == 0.0 and info["metrics"]["recall@5"] == 0.0
+    assert info["metrics"]["ndcg@10"] == pytest.approx(1 / np.log2(n_junk + 2))
+
+
+def test_metrics_count_repeated_lines_above_the_target(make_env):
+    env = make_env(stage="rec")
+    env.reset(options={"example": 3})
+    other = other_titles(env, env.episode.target, 1)[0]
+    info = _answer_with_target_at(env, [other, other, other])
+    assert info["duplicates"] == 2 + sum(i == info["answer_ids"][0] for i in info["answer_ids"][4:])
+    assert info["rank"] == 3 and info["metrics"]["recall@1"] == 0.0 and info["metrics"]["recall@5"] == 1.0
+    assert info["metrics"]["ndcg@5"] == pytest.approx(1 / np.log2(5))
+    assert info["reward_components"]["rank"] == pytest.approx(0.2 * 7)
+
+
 def test_scripted_episode_coldstart_stage(make_env):
     env = make_env(stage="coldstart")
     rewards, infos = run_scripted(env)

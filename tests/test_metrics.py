@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deeprec_env.metrics import MISS, full_ranks, ndcg_at_k, rank_in_list, rank_metrics, recall_at_k
+from deeprec_env.metrics import MISS, full_ranks, ndcg_at_k, rank_metrics, recall_at_k
 
 
 def test_hand_computed():
@@ -14,11 +14,6 @@ def test_hand_computed():
     m = rank_metrics(ranks)
     assert set(m) == {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     assert recall_at_k(np.array([]), 5) == 0.0
-
-
-def test_rank_in_list():
-    assert rank_in_list([5, 3, 9], 9) == 2
-    assert rank_in_list([5, 3, 9], 4) == MISS
 
 
 def test_full_ranks_ties_by_id_and_exclusion():
