@@ -5,7 +5,8 @@ PPO from stable-baselines3 on the numeric view (trained here briefly, or loaded 
 the SmolLM2-135M-Instruct policy zero-shot (on a fixed subset of users), and a trained LLM checkpoint
 when --checkpoint is given. Prints the table with its protocol and writes JSON, markdown and a PNG.
 
-    python -m benchmarks.main                         # ~7 min on a 2-core CPU, first run included
+    python -m benchmarks.main                         # ~7 min on a 2-core CPU; writes runs/main/
+    python -m benchmarks.main --out benchmarks/results  # refresh the committed results (then benchmarks.report)
     python -m benchmarks.main --users 200 --llm-users 8 --device cuda --model Qwen/Qwen2.5-0.5B-Instruct
 """
 
@@ -17,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agents.evaluate import METRICS, EvalArgs, run
-from benchmarks.common import RESULTS, environment, markdown_table, protocol_text, write_results
+from benchmarks.common import environment, markdown_table, protocol_text, write_results
 
 COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds"]
 
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sb3-timesteps", type=int, default=3000)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM agents")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--out", default="runs/main",
+                    help="results folder (default runs/main; --out benchmarks/results refreshes the committed results)")
     ap.add_argument("--runs", default="runs/main", help="folder for per-episode JSON lines")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -105,7 +107,7 @@ def main(argv=None) -> None:
     title = f"{args.dataset} {args.split}, full catalogue, leave-one-out, seed {args.seed}"
     text = f"## Agent comparison\n\n{table}\n\nProtocol:\n{protocol_text(protocol)}\n"
     print(text)
-    out = Path(args.out or RESULTS)
+    out = Path(args.out)
     payload = {"benchmark": "main", "protocol": protocol, **environment(), "summaries": summaries,
                "args": vars(args), "env": result["env"], "seconds": time.perf_counter() - t0}  # fmt: skip
     js, md = write_results("main", payload, text, out)
