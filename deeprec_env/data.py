@@ -35,6 +35,8 @@ __all__ = [
 
 SplitName = Literal["train", "valid", "test"]
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+UserGroup = Literal["all", "rl", "eval"]
+USER_GROUPS: tuple[str, ...] = ("all", "rl", "eval")
 CACHE_VERSION = 1
 """Bumped whenever preprocessing changes meaning, so stale cache entries are never read."""
 
@@ -216,6 +218,27 @@ class RecDataset:
             self._split_cache[name] = Split(name=name, dataset=self, users=users, positions=ends)
         return self._split_cache[name]
 
+    def user_group(self, group: UserGroup, share: float = 0.5, seed: int = 0) -> np.ndarray:
+        """Sorted user indices of ``group``: ``"all"``, ``"rl"`` or ``"eval"``.
+
+        ``rl`` is a seeded share of the users, reserved for training a policy; ``eval`` is the others, so
+        the two never share a user.
+
+        >>> ds = synthetic(n_users=10, n_items=20, seed=0)
+        >>> rl, ev = ds.user_group("rl"), ds.user_group("eval")
+        >>> len(rl), len(ev), set(rl) & set(ev)
+        (5, 5, set())
+        """
+        if group not in USER_GROUPS:
+            raise ValueError(f"group={group!r}; must be one of {USER_GROUPS}")
+        if not 0 < share < 1:
+            raise ValueError(f"share={share}; must be in (0, 1)")
+        if group == "all":
+            return np.arange(self.n_users)
+        order = np.random.default_rng(seed).permutation(self.n_users)
+        n_rl = int(round(share * self.n_users))
+        return np.sort(order[:n_rl] if group == "rl" else order[n_rl:])
+
     def train_sequences(self) -> list[np.ndarray]:
         """Every user's sequence without its valid and test items (for training a recommender)."""
         return [self.items[self.offsets[u] : self.offsets[u + 1] - 2] for u in range(self.n_users)]
@@ -295,6 +318,11 @@ class Split:
                 out[r, window - len(h) :] = h
         return out
 
+    def for_users(self, users: np.ndarray) -> Split:
+        """The examples of ``users`` only (a new split; example indices are renumbered)."""
+        keep = np.isin(self.users, np.asarray(users))
+        return Split(name=self.name, dataset=self.dataset, users=self.users[keep], positions=self.positions[keep])
+
     def example(self, user: int) -> int:
         """Example index of user index ``user`` in this split."""
         j = np.searchsorted(self.users, user)
@@ -318,19 +346,23 @@ def synthetic(
     *,
     n_categories: int = 6,
     seq_len: tuple[int, int] = (8, 30),
+    loyalty: float = 0.8,
     config: PreprocessConfig | None = None,
 ) -> RecDataset:
     """A small dataset with learnable structure, for tests.
 
     Each item has one or two of ``n_categories`` genres and a unique title; each user prefers one
-    genre strongly (80% of their items come from it, popular items more often) and drifts between
-    two genres over time. Timestamps repeat within a user now and then, to exercise tie-breaking.
+    genre (a share ``loyalty`` of their items come from it, popular items more often) and drifts between
+    two genres over time. A low ``loyalty`` makes the next item's genre hard to guess from the history
+    (what a preference can then tell). Timestamps repeat within a user now and then, to exercise tie-breaking.
     Filtering uses ``config`` (default: no k-core, so sizes are exact).
     """
     if n_users < 1 or n_items < 2:
         raise ValueError(f"n_users={n_users}, n_items={n_items}; need n_users >= 1 and n_items >= 2")
     if not 1 <= n_categories <= len(_GENRES):
         raise ValueError(f"n_categories={n_categories}; must be in 1..{len(_GENRES)}")
+    if not 0 <= loyalty <= 1:
+        raise ValueError(f"loyalty={loyalty}; must be in [0, 1]")
     lo, hi = seq_len
     if not 4 <= lo <= hi:
         raise ValueError(f"seq_len={seq_len}; need 4 <= min <= max")
@@ -353,7 +385,7 @@ def synthetic(
         length = int(rng.integers(lo, hi + 1))
         t = int(rng.integers(1_000_000, 2_000_000))
         for step in range(length):
-            g = fav if rng.random() < 0.8 else (other if step > length // 2 else rng.integers(n_categories))
+            g = fav if rng.random() < loyalty else (other if step > length // 2 else rng.integers(n_categories))
             pool = by_genre[g] if len(by_genre[g]) else np.arange(n_items)
             p = popularity[pool] / popularity[pool].sum()
             users.append(f"u{u}")

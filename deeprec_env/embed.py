@@ -42,7 +42,7 @@ def resolve_encoder_path(name: str | os.PathLike) -> str:
 
 
 class TextEncoder:
-    """Sentence embeddings from a transformers encoder; every output row has unit L2 norm.
+    """Sentence embeddings from a transformers encoder; every row has unit L2 norm (zero for a text with no token).
 
     Args:
         model: ``"minilm"`` (embedded default), a local folder, or a hub id (needs network once).
@@ -99,17 +99,22 @@ class TextEncoder:
             batch = self.tokenizer(
                 texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
             )
+            if batch["input_ids"].shape[1] == 0:  # no text produced a token (see encode)
+                return np.zeros((len(texts), self.dim), dtype=np.float32)
             return self._session.run(None, {k: batch[k].astype(np.int64) for k in self._inputs})[0]
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
+        if batch["input_ids"].shape[1] == 0:
+            return np.zeros((len(texts), self.dim), dtype=np.float32)
         return self._pooled(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).cpu().numpy()
 
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         """Embed ``texts`` in batches; returns a float32 ``(len(texts), dim)`` array of unit rows.
 
         Recently seen texts (short queries such as preferences) come from an LRU cache; the rest are
-        sorted by length before batching (less padding) and returned in input order.
+        sorted by length before batching (less padding) and returned in input order. A text the tokenizer
+        turns into no token at all ("" with a tokenizer that adds no special tokens) gets the zero vector.
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a sequence of str; wrap a single text in a list")

@@ -36,6 +36,21 @@ def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
     return float(gains.mean())
 
 
+def ndcg_full(ranks: np.ndarray) -> float:
+    """Mean of ``1 / log2(rank + 2)`` over every target, without a cut-off (misses count 0).
+
+    Every example contributes, so it varies far less between two checkpoints than NDCG@10, which
+    moves only when a target crosses rank 10: the TRM's early stopping uses it.
+
+    >>> round(ndcg_full(np.array([0, 2, -1])), 4)
+    0.5
+    """
+    r = np.asarray(ranks)
+    if not len(r):
+        return 0.0
+    return float(np.where(r >= 0, 1.0 / np.log2(np.maximum(r, 0) + 2.0), 0.0).mean())
+
+
 def rank_metrics(ranks: np.ndarray, recall_ks: Iterable[int] = (1, 5, 10), ndcg_ks: Iterable[int] = (5, 10)) -> dict:
     """``{"recall@k": ..., "ndcg@k": ...}`` for the given cut-offs."""
     out = {f"recall@{k}": recall_at_k(ranks, k) for k in recall_ks}

@@ -1,29 +1,34 @@
-"""The preference-aware traditional recommender (TRM), after DeepRec's "AddRet" (DESIGN.md section 3).
+"""The preference-aware traditional recommender (TRM), after DeepRec's "AddRet" (``docs/trm.md``).
 
 Architecture: each history item is its learned ID embedding plus its frozen text embedding passed
-through a mixture-of-experts adapter; a causal SASRec-style Transformer encodes the sequence; the
-preference text, embedded by the same encoder and passed through the same adapter, is added to the
-last hidden state and LayerNorm'd; the score of an item is the cosine between that user vector and the
-item's ID embedding, over the whole catalogue.
+through a mixture-of-experts adapter; a causal SASRec-style Transformer encodes the sequence. A
+preference text, embedded by the same encoder and passed through the same adapter, enters the query in
+one of two ways (``TRMConfig.fusion``): ``add``, the reference's, adds it to the last hidden state and
+LayerNorms the sum; ``gated`` (default) adds it as a separate unit vector weighted by a learned trust
+``a >= 0``, so an item scores ``cos(history, item) + a * cos(preference, item)``: the preference is
+evidence next to the history's. The trust comes from a small MLP over the history state, the preference
+and how much the preference agrees with the history's texts. Items are scored over the whole catalogue by
+their ID embedding plus adapted text (``item_text_out``), one inner product each (a faiss index).
 
 Training objective (ours; the reference never released its training code): next-item cross-entropy
 over the full catalogue at every position of each training window (SASRec-style), with a temperature
-on the cosine. On a share ``preference_prob`` of positions a preference is given, built from the
-*target* item's metadata: a random non-empty subset (size <= 2, or all) of its categories, joined by
-"; ". On the rest the preference is empty (no vector is added). The model therefore both works
-without a preference and learns to follow one. Early stopping on validation NDCG@10 (no preference).
+on the cosine. Each position gets a preference drawn from a mixture of sources
+(:class:`~deeprec_env.preferences.PreferenceMix`): none, partial descriptions of the target (a category,
+its decade, "like <a neighbour>", a title word), descriptions of the user's history (often wrong for the
+target) and noise, in varied phrasings. The model therefore works without a preference and learns how
+much each kind of preference is worth. Early stopping on validation NDCG@10 (no preference).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import itertools
 import json
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -32,8 +37,11 @@ import torch
 from torch import nn
 
 from deeprec_env.data import RecDataset, cache_dir
-from deeprec_env.metrics import full_ranks, ndcg_at_k
+from deeprec_env.metrics import full_ranks, ndcg_at_k, ndcg_full
+from deeprec_env.preferences import PreferenceBank, PreferenceMix, right_aligned_contexts
 
+TRAINING_VERSION = 2
+"""Bumped whenever training changes what a configuration produces, so a cached TRM is never stale."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,11 +49,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class TRMConfig:
     """Architecture and training settings of :class:`PreferenceTRM`.
 
-    The defaults train on ml-100k in just under 3 minutes on a 2-core CPU. They were chosen on the
-    validation split (benchmarks/results/trm_quality.md lists the test figures): the reference's
-    window of 20 items, batches of 128 and dropout 0.1 converge within the budget, where windows of
-    50 and batches of 256 (4x fewer optimiser steps per epoch) did not; the validation score still
-    improves past epoch 40, hence 55 epochs and a patience of 20.
+    The defaults train on ml-100k in under 3 minutes on a 2-core CPU (``docs/trm.md``). The reference's
+    window of 20 items, batches of 128 and dropout 0.1 converge within that budget, where windows of 50 and
+    batches of 256 (4x fewer optimiser steps per epoch) did not; with the moving average of the weights the
+    validation score is flat from about epoch 20, hence 40 epochs and a patience of 12.
     """
 
     d_model: int = 64
@@ -70,18 +77,36 @@ class TRMConfig:
     """Item score: cosine of user vector and item ID embedding (reference), or dot product (SASRec)."""
     temperature: float = 0.07
     """Softmax temperature on cosine scores during training."""
-    preference_prob: float = 0.5
-    """Share of training positions that get a preference built from the target's categories."""
+    preferences: PreferenceMix = field(default_factory=PreferenceMix)
+    """Where training preferences come from (shares per source; see :mod:`deeprec_env.preferences`)."""
+    fusion: Literal["add", "gated"] = "gated"
+    """How a preference enters the query. ``add`` is the reference's AddRet: LayerNorm(h + adapter(p)),
+    scored by cosine. ``gated``: unit(LayerNorm(h)) + a * unit(adapter(p)), so an item scores
+    cos(history, item) + a * cos(preference, item), with a trust ``a >= 0`` computed from the history state
+    and the preference by a small MLP: the preference is evidence added to the history's, not a replacement."""
+    item_text_out: bool = False
+    """Score items by their ID embedding plus their adapted text (the item representation the sequence
+    reads); False (default, the reference's): by the ID embedding only. On ml-100k the ID-only scoring was
+    as good without a preference and followed "like <title>" preferences better (``docs/trm.md``)."""
+    held_out: int = 2
+    """Items at the end of each user's sequence the TRM never trains on: 2 keeps out the valid and test
+    targets (the bundled trainers train policies on the test targets of the RL user group, which the TRM
+    never saw; ``docs/evaluation.md``); 3 also keeps out the ``train`` split's targets, for a policy trained
+    on that split."""
     lr: float = 3e-3
     """Adam learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 128
     """Training windows per step."""
-    max_epochs: int = 55
-    """Upper bound on epochs (about 3 s each on ml-100k on a 2-core CPU)."""
-    patience: int = 20
+    max_epochs: int = 40
+    """Upper bound on epochs (about 4 s each on ml-100k on a 2-core CPU)."""
+    patience: int = 12
     """Stop after this many evaluations without a better validation NDCG@10."""
+    ema: float = 0.995
+    """Decay of an exponential moving average of the weights, updated after every optimiser step; the
+    average is what is validated and kept (0: the raw weights). On ml-100k the validation curve is a flat
+    plateau whose epoch-to-epoch wiggles are noise; the average sits in the middle of it."""
     max_seconds: float | None = None
     """Optional wall-clock budget (the best checkpoint so far is kept). A time budget makes the result
     depend on machine speed and load, so it is off by default: epochs and patience are deterministic."""
@@ -100,8 +125,16 @@ class TRMConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout}; must be in [0, 1)")
-        if not 0 <= self.preference_prob <= 1:
-            raise ValueError(f"preference_prob={self.preference_prob}; must be in [0, 1]")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema={self.ema}; must be in [0, 1) (0 turns the weight average off)")
+        if self.held_out < 2:
+            raise ValueError(f"held_out={self.held_out}; must be >= 2 (the valid and test targets)")
+        if isinstance(self.preferences, dict):  # from a checkpoint's config.json
+            object.__setattr__(self, "preferences", PreferenceMix(**self.preferences))
+        if not isinstance(self.preferences, PreferenceMix):
+            raise TypeError(f"preferences={self.preferences!r}; must be a PreferenceMix (or a dict of its fields)")
+        if self.fusion not in ("add", "gated"):
+            raise ValueError(f"fusion={self.fusion!r}; must be 'add' or 'gated'")
         if self.score not in ("cosine", "dot"):
             raise ValueError(f"score={self.score!r}; must be 'cosine' or 'dot'")
         if self.temperature <= 0:
@@ -159,6 +192,8 @@ class PreferenceTRM(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.out_norm = nn.LayerNorm(d)
         self.pref_norm = nn.LayerNorm(d)
+        if config.fusion == "gated":
+            self.gate = nn.Sequential(nn.Linear(3 * d + 2, d), nn.GELU(), nn.Linear(d, 1))
 
     @property
     def num_embeddings(self) -> int:
@@ -172,16 +207,30 @@ class PreferenceTRM(nn.Module):
 
     def hidden(self, seqs: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(B, L, d)`` of left-padded item sequences ``(B, L)`` (0 = padding)."""
+        return self.encode(seqs)[0]
+
+    def encode(self, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states ``(B, L, d)`` and, with item text, the history's text at each position ``(B, L, 2, d)``.
+
+        The text summary is the running mean of the adapted texts up to each position and the adapted text
+        of the item there: what the gated fusion compares a preference with (does it repeat the history,
+        or say something new?).
+        """
         b, length = seqs.shape
         if length > self.config.max_len:
             seqs, length = seqs[:, -self.config.max_len :], self.config.max_len
         x = self.item_emb(seqs)
+        real = (seqs > 0).unsqueeze(-1)
+        summary = None
         if self.config.use_text:
             if self.num_embeddings <= seqs.numel():  # adapt the whole (small) table once, then gather
                 text = self.adapter(self.text_emb)[seqs]
             else:
                 text = self.adapter(self.text_emb[seqs])
-            x = x + text * (seqs > 0).unsqueeze(-1)
+            text = text * real
+            x = x + text
+            mean = text.cumsum(1) / real.cumsum(1).clamp(min=1)
+            summary = torch.stack([mean, text], 2)
         pos = torch.arange(self.config.max_len - length, self.config.max_len, device=seqs.device)
         x = self.drop(self.in_norm(x + self.pos_emb(pos)))
         # Each query sees non-padding keys at or before it, and always itself (no empty rows).
@@ -189,7 +238,7 @@ class PreferenceTRM(nn.Module):
         allowed = causal.unsqueeze(0) & (seqs > 0).unsqueeze(1)
         allowed = allowed | torch.eye(length, dtype=torch.bool, device=seqs.device)
         mask = (~allowed).repeat_interleave(self.config.n_heads, dim=0)
-        return self.out_norm(self.encoder(x, mask=mask))
+        return self.out_norm(self.encoder(x, mask=mask)), summary
 
     def fuse(
         self,
@@ -197,72 +246,61 @@ class PreferenceTRM(nn.Module):
         pref: torch.Tensor | None,
         has_pref: torch.Tensor | None,
         adapted: torch.Tensor | None = None,
+        summary: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User vector: LayerNorm(h + adapter(pref)) where ``has_pref``, LayerNorm(h) elsewhere.
+        """The query for hidden states ``h`` ``(N, d)`` and preference text embeddings ``pref`` ``(N, text_dim)``.
 
-        ``adapted`` passes ``adapter(pref)`` already computed (training adapts each distinct preference
-        of its bank once per step instead of once per position).
+        ``add``: LayerNorm(h + adapter(pref)); ``gated``: unit(LayerNorm(h)) + a * unit(adapter(pref)) with the
+        trust ``a = softplus(gate(...))``. Rows where ``has_pref`` is False get no preference. ``adapted``
+        passes ``adapter(pref)`` already computed (training adapts each distinct text once per step);
+        ``summary`` ``(N, 2, d)`` is the history's text at those positions (see :meth:`encode`).
+        The result is unit-normalised for cosine scoring except the gated preference term, whose length
+        ``a`` is the weight of the preference's evidence.
         """
-        if (pref is not None or adapted is not None) and self.config.use_preference:
+        use = (pref is not None or adapted is not None) and self.config.use_preference
+        p = None
+        if use:
             p = self.adapter(pref.to(h.dtype)) if adapted is None else adapted.to(h.dtype)
             if has_pref is not None:
                 p = p * has_pref.unsqueeze(-1).to(h.dtype)
-            h = h + p
-        return self.pref_norm(h)
+        cosine = self.config.score == "cosine"
+        if self.config.fusion == "add" or p is None:
+            u = self.pref_norm(h if p is None else h + p)
+            return nn.functional.normalize(u, dim=-1) if cosine else u
+        u = self.pref_norm(h)
+        u = nn.functional.normalize(u, dim=-1) if cosine else u
+        p_unit = nn.functional.normalize(p, dim=-1)
+        if summary is None:
+            agree = torch.zeros(*p.shape[:-1], 2, dtype=p.dtype, device=p.device)
+        else:
+            agree = (nn.functional.normalize(summary.to(p.dtype), dim=-1) * p_unit.unsqueeze(-2)).sum(-1)
+        trust = nn.functional.softplus(self.gate(torch.cat([u, p_unit, u * p_unit, agree], -1)))
+        if has_pref is not None:
+            trust = trust * has_pref.unsqueeze(-1).to(h.dtype)
+        return u + trust * p_unit
 
     def item_vectors(self) -> torch.Tensor:
-        """Output item vectors ``(num_embeddings, d)``: ID embeddings, unit-normalised for cosine scoring."""
+        """Output item vectors ``(num_embeddings, d)``: ID embeddings (plus adapted text with ``item_text_out``).
+
+        Unit-normalised for cosine scoring.
+        """
         w = self.item_emb.weight
+        if self.config.item_text_out and self.config.use_text:
+            w = w + self.adapter(self.text_emb) * (torch.arange(len(w), device=w.device) > 0).unsqueeze(-1)
         return nn.functional.normalize(w, dim=-1) if self.config.score == "cosine" else w
 
     def user_vectors(
         self, seqs: torch.Tensor, pref: torch.Tensor | None = None, has_pref: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """User vectors ``(B, d)`` for the last position of each sequence; unit norm with cosine scoring."""
-        u = self.fuse(self.hidden(seqs)[:, -1], pref, has_pref)
-        return nn.functional.normalize(u, dim=-1) if self.config.score == "cosine" else u
+        """Query vectors ``(B, d)`` for the last position of each sequence (see :meth:`fuse`)."""
+        h, summary = self.encode(seqs)
+        return self.fuse(h[:, -1], pref, has_pref, summary=None if summary is None else summary[:, -1])
 
     def scores(self, seqs: torch.Tensor, pref=None, has_pref=None) -> torch.Tensor:
         """Full-catalogue scores ``(B, num_embeddings)`` (column 0, padding, is -inf)."""
         s = self.user_vectors(seqs, pref, has_pref) @ self.item_vectors().T
         s[:, 0] = -torch.inf
         return s
-
-
-# ----------------------------------------------------------------------------------------------
-# Preference texts for training and evaluation
-
-
-def preference_bank(dataset: RecDataset, max_subset: int = 2, max_categories: int = 6):
-    """Training preference strings built from each item's categories.
-
-    Returns ``(texts, offsets, index)``: item ``i``'s candidate strings are
-    ``texts[index[offsets[i]:offsets[i+1]]]`` (non-empty subsets of its first ``max_categories``
-    categories of size <= ``max_subset``, plus all of them), joined by "; ".
-    """
-    texts: dict[str, int] = {}
-    offsets = [0]
-    index: list[int] = []
-    for cats in dataset.catalog.categories:
-        cats = cats[:max_categories]
-        subsets = {c for r in range(1, min(max_subset, len(cats)) + 1) for c in itertools.combinations(cats, r)}
-        if cats:
-            subsets.add(tuple(cats))
-        for s in sorted(subsets):
-            index.append(texts.setdefault("; ".join(s), len(texts)))
-        offsets.append(len(index))
-    return list(texts), np.asarray(offsets), np.asarray(index, dtype=np.int64)
-
-
-def oracle_preference(dataset: RecDataset, item: int) -> str:
-    """The target's own categories (privileged information: an upper bound)."""
-    return "; ".join(dataset.catalog.categories[item])
-
-
-def misleading_preference(dataset: RecDataset, item: int, n: int = 2) -> str:
-    """The ``n`` most frequent categories that ``item`` does not have."""
-    own = set(dataset.catalog.categories[item])
-    return "; ".join([c for c in dataset.catalog.all_categories if c not in own][:n])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +325,70 @@ def _windows(seqs: list[np.ndarray], max_len: int, rng: np.random.Generator) -> 
 
 
 @torch.no_grad()
+def rank_examples(
+    model: PreferenceTRM,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    preferences: list[str] | None = None,
+    encoder=None,
+    *,
+    exclude: list[np.ndarray] | None = None,
+    top: int = 0,
+    batch_size: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full-ranking rank of each target, and the ``top`` best item ids of each query.
+
+    Args:
+        model: the TRM.
+        histories: ``(n, L)`` left-padded item ids.
+        targets: ``(n,)`` item ids.
+        preferences: one text per example ("" = none), or None for no preference at all.
+        encoder: the text encoder the TRM was trained with (needed with ``preferences``).
+        exclude: per example, items removed from the ranking (e.g. the history).
+        top: how many best items to return per example (0: none).
+        batch_size: examples per forward pass.
+
+    Returns:
+        ``(ranks, top_ids)``: ranks ``(n,)`` (0-based, ties by item id, ``-1`` for an excluded target)
+        and ``(n, top)`` item ids, best first.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    pref = has = None
+    if preferences is not None:
+        if encoder is None:
+            raise ValueError("preferences need an encoder")
+        if len(preferences) != len(targets):
+            raise ValueError(f"{len(preferences)} preferences for {len(targets)} examples")
+        clean = [" ".join(p.split()) for p in preferences]
+        distinct = sorted({p for p in clean if p})
+        table = encoder.encode(distinct) if distinct else np.zeros((0, model.text_dim), np.float32)
+        row = {p: i for i, p in enumerate(distinct)}
+        pref = np.zeros((len(clean), model.text_dim), dtype=np.float32)
+        for r, p in enumerate(clean):
+            if p:
+                pref[r] = table[row[p]]
+        has = np.array([bool(p) for p in clean])
+    ranks, tops = [], []
+    for s in range(0, len(targets), batch_size):
+        seqs = torch.as_tensor(histories[s : s + batch_size], device=device)
+        p = h = None
+        if pref is not None:
+            p = torch.as_tensor(pref[s : s + batch_size], device=device)
+            h = torch.as_tensor(has[s : s + batch_size], device=device)
+        scores = model.scores(seqs, p, h).float().cpu().numpy()
+        excl = exclude[s : s + batch_size] if exclude is not None else None
+        ranks.append(full_ranks(scores, targets[s : s + batch_size], excl))
+        if top:
+            if excl is not None:
+                for r, ex in enumerate(excl):
+                    scores[r, np.asarray(ex, dtype=np.int64)] = -np.inf
+            ids = np.arange(scores.shape[1])
+            tops.append(np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :top])
+    top_ids = np.concatenate(tops) if tops else np.zeros((len(targets), 0), dtype=np.int64)
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64), top_ids
+
+
 def evaluate_ranks(
     model: PreferenceTRM,
     dataset: RecDataset,
@@ -297,64 +399,75 @@ def evaluate_ranks(
     exclude_history: bool = False,
 ) -> np.ndarray:
     """Full-ranking rank of each example's target (``split`` of ``dataset``), optionally with preferences."""
-    model.eval()
     sp = dataset.split(split)
+    excl = [sp.history(i, 10**9) for i in range(len(sp))] if exclude_history else None
     hist = sp.histories(model.config.max_len)
-    device = next(model.parameters()).device
-    pref = None
-    if preferences is not None:
-        if encoder is None:
-            raise ValueError("preferences need an encoder")
-        pref = encoder.encode(preferences)
-        has = np.array([bool(p.strip()) for p in preferences])
-    ranks = []
-    for s in range(0, len(sp), batch_size):
-        seqs = torch.as_tensor(hist[s : s + batch_size], device=device)
-        p = h = None
-        if pref is not None:
-            p = torch.as_tensor(pref[s : s + batch_size], device=device)
-            h = torch.as_tensor(has[s : s + batch_size], device=device)
-        scores = model.scores(seqs, p, h).float().cpu().numpy()
-        excl = [sp.history(i, 10**9) for i in range(s, min(s + batch_size, len(sp)))] if exclude_history else None
-        ranks.append(full_ranks(scores, sp.targets[s : s + batch_size], excl))
-    return np.concatenate(ranks)
+    return rank_examples(model, hist, sp.targets, preferences, encoder, exclude=excl, batch_size=batch_size)[0]
 
 
 @dataclass
 class _PreferenceSampler:
-    """Draws a training preference for each target: a bank row (0 = none) per position."""
+    """Draws a training preference for every trained position of a window batch (bank row 0 = none)."""
 
-    bank: torch.Tensor
-    offsets: np.ndarray
-    index: np.ndarray
-    prob: float
+    bank: PreferenceBank
+    vectors: torch.Tensor
+    """``(len(bank.texts) + 1, text_dim)`` encoded bank texts; row 0 is zero (no preference)."""
+    mix: PreferenceMix
 
-    def sample(self, targets: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bank rows ``(N,)`` (0 = no preference) and the mask of positions that got one."""
-        n_cand = np.diff(self.offsets)[targets]
-        give = (rng.random(len(targets)) < self.prob) & (n_cand > 0)
-        pick = self.offsets[targets] + (rng.random(len(targets)) * np.maximum(n_cand, 1)).astype(np.int64)
-        rows = np.where(give, self.index[np.minimum(pick, len(self.index) - 1)] + 1, 0)
-        device = self.bank.device
-        return torch.as_tensor(rows, device=device), torch.as_tensor(give, device=device)
+    def sample(self, inp: np.ndarray, valid: np.ndarray, targets: np.ndarray, rng: np.random.Generator):
+        """Bank rows ``(N,)`` for the ``valid`` positions of input windows ``inp`` ``(B, L)``."""
+        contexts = right_aligned_contexts(inp)[valid]
+        return self.bank.sample(self.mix, targets, contexts, rng)
 
 
 def _train_step(model: PreferenceTRM, batch: torch.Tensor, sampler, rng, config: TRMConfig) -> torch.Tensor:
-    """Next-item cross-entropy over the catalogue at every non-padding position of a window batch."""
+    """Next-item cross-entropy over the catalogue at every non-padding position of a window batch.
+
+    Two terms: every position without a preference (the TRM alone must be a good recommender), plus every
+    position that drew a preference, with it (what the preference adds). The first keeps the no-preference
+    ranking as good as a model trained without preferences at all.
+    """
     inp, tgt = batch[:, :-1], batch[:, 1:]
     valid = (tgt > 0) & (inp > 0)
-    h, tgt = model.hidden(inp)[valid], tgt[valid]
-    adapted = has = None
+    h, summary = model.encode(inp)
+    h, tgt = h[valid], tgt[valid]
+    summary = None if summary is None else summary[valid]
+    items = model.item_vectors().T
+    scale = 1.0 / config.temperature if config.score == "cosine" else 1.0
+
+    def loss_of(u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = (u @ items) * scale
+        logits[:, 0] = -torch.inf
+        return nn.functional.cross_entropy(logits, targets)
+
+    loss = loss_of(model.fuse(h, None, None, summary=summary), tgt)
     if sampler is not None and config.use_preference:
-        rows, has = sampler.sample(tgt.cpu().numpy(), rng)
-        adapted = model.adapter(sampler.bank)[rows]  # each distinct preference adapted once per step
-    u = model.fuse(h, None, has, adapted)
-    if config.score == "cosine":
-        logits = nn.functional.normalize(u, dim=-1) @ model.item_vectors().T / config.temperature
-    else:
-        logits = u @ model.item_vectors().T
-    logits[:, 0] = -torch.inf
-    return nn.functional.cross_entropy(logits, tgt)
+        rows = sampler.sample(inp.cpu().numpy(), valid.cpu().numpy(), tgt.cpu().numpy(), rng)
+        given = torch.as_tensor(rows > 0, device=h.device)
+        if bool(given.any()):
+            distinct, inverse = np.unique(rows[rows > 0], return_inverse=True)
+            device = h.device
+            adapted = model.adapter(sampler.vectors[torch.as_tensor(distinct, device=device)])  # each text once
+            adapted = adapted[torch.as_tensor(inverse, device=device)]
+            # the history's state is taken as given here: the preference term trains the gate, the adapter and
+            # the item vectors, while the sequence encoder learns from the no-preference term alone
+            context = None if summary is None else summary[given].detach()
+            q = model.fuse(h[given].detach(), None, None, adapted, context)
+            loss = loss + loss_of(q, tgt[given])
+    return loss
+
+
+def trm_sequences(dataset: RecDataset, config: TRMConfig) -> list[np.ndarray]:
+    """The sequences the TRM trains on: each user's items without the last ``config.held_out``."""
+    extra = config.held_out - 2
+    return [s[: len(s) - extra] for s in dataset.train_sequences()]
+
+
+@torch.no_grad()
+def _ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """``average <- decay * average + (1 - decay) * model``, parameter by parameter."""
+    for a, p in zip(average.parameters(), model.parameters(), strict=True):
+        a.lerp_(p, 1.0 - decay)
 
 
 def train_trm(
@@ -391,21 +504,21 @@ def train_trm(
     from deeprec_env.embed import TextEncoder, item_text_embeddings
 
     t0 = time.perf_counter()
-    use_pref = config.use_preference and config.preference_prob > 0
+    use_pref = config.use_preference and config.preferences.none < sum(config.preferences.weights.values())
     if encoder is None and (text_emb is None or use_pref):
         encoder = TextEncoder(device=config.device)
     if text_emb is None:
         text_emb = item_text_embeddings(dataset.catalog, encoder)
     device = torch.device(config.device)
+    seqs = trm_sequences(dataset, config)
     sampler = None
     if use_pref:
-        texts, offsets, index = preference_bank(dataset)
-        bank = torch.as_tensor(encoder.encode(texts) if texts else np.zeros((0, text_emb.shape[1]), np.float32))
-        bank = torch.cat([torch.zeros(1, text_emb.shape[1]), bank.float()]).to(device)  # row 0 = none
-        sampler = _PreferenceSampler(bank, offsets, index, config.preference_prob)
+        bank = PreferenceBank.build(dataset.catalog, seqs)
+        vecs = encoder.encode(bank.texts) if bank.texts else np.zeros((0, text_emb.shape[1]), np.float32)
+        vecs = torch.cat([torch.zeros(1, text_emb.shape[1]), torch.as_tensor(vecs).float()]).to(device)  # 0 = none
+        sampler = _PreferenceSampler(bank, vecs, config.preferences)
 
     rng = np.random.default_rng(config.seed)
-    seqs = dataset.train_sequences()
     log: dict = {"epochs": [], "config": asdict(config)}
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -414,7 +527,9 @@ def train_trm(
             torch.manual_seed(config.seed)
             model = PreferenceTRM(config, torch.as_tensor(text_emb)).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-            best, best_state, bad = -1.0, None, 0
+            average = copy.deepcopy(model).eval() if config.ema else model  # what is validated and kept
+            updates = 0
+            best, best_ndcg10, best_state, bad = -1.0, 0.0, None, 0
             bar = tqdm(range(config.max_epochs), desc=f"TRM {dataset.name}", disable=not progress, unit="epoch")
             for epoch in bar:
                 model.train()
@@ -428,16 +543,19 @@ def train_trm(
                     loss.backward()
                     nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                     opt.step()
+                    updates += 1
+                    if config.ema:
+                        _ema_update(average, model, min(config.ema, (1 + updates) / (10 + updates)))
                     n = int(((batch[:, 1:] > 0) & (batch[:, :-1] > 0)).sum())
                     total, count = total + float(loss.detach()) * n, count + n
-                ndcg = ndcg_at_k(evaluate_ranks(model, dataset, "valid"), 10)
-                log["epochs"].append({"epoch": epoch, "loss": total / max(count, 1), "valid_ndcg@10": ndcg})
-                bar.set_postfix(
-                    loss=f"{total / max(count, 1):.3f}", ndcg10=f"{ndcg:.4f}", best=f"{max(best, ndcg):.4f}"
-                )
-                if ndcg > best:
-                    best, bad = ndcg, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                ranks = evaluate_ranks(average, dataset, "valid")
+                ndcg, score = ndcg_at_k(ranks, 10), ndcg_full(ranks)
+                log["epochs"].append({"epoch": epoch, "loss": total / max(count, 1), "valid_ndcg@10": ndcg,
+                                      "valid_ndcg": score})  # fmt: skip
+                bar.set_postfix(loss=f"{total / max(count, 1):.3f}", ndcg10=f"{ndcg:.4f}", ndcg=f"{score:.4f}")
+                if score > best:
+                    best, best_ndcg10, bad = score, ndcg, 0
+                    best_state = {k: v.detach().clone() for k, v in average.state_dict().items()}
                 else:
                     bad += 1
                 out_of_time = config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds
@@ -447,7 +565,8 @@ def train_trm(
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     model = model.to(dtype=config.torch_dtype).eval()
-    log.update(best_valid_ndcg10=best, seconds=time.perf_counter() - t0, epochs_run=len(log["epochs"]))
+    log.update(best_valid_ndcg=best, best_valid_ndcg10=best_ndcg10, seconds=time.perf_counter() - t0,
+               epochs_run=len(log["epochs"]))  # fmt: skip
     return model, log
 
 
@@ -516,7 +635,8 @@ def trm_cache_path(dataset: RecDataset, config: TRMConfig, encoder) -> Path:
     """Where :func:`load_or_train_trm` keeps the TRM of (dataset, config, text encoder)."""
     enc_id = encoder.id
     key_cfg = {k: v for k, v in asdict(config).items() if k not in ("device", "dtype")}
-    key = hashlib.sha256(json.dumps([dataset.fingerprint, key_cfg, enc_id], sort_keys=True).encode()).hexdigest()
+    key = [TRAINING_VERSION, dataset.fingerprint, key_cfg, enc_id]
+    key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return cache_dir() / "trm" / f"{dataset.name.replace(':', '_')}-{key[:16]}"
 
 

@@ -77,3 +77,9 @@ def test_backend_errors(tiny_encoder_path, monkeypatch):
         TextEncoder(tiny_encoder_path, backend="tensorrt")
     with pytest.raises(ValueError, match="float32 model on CPU"):
         TextEncoder(tiny_encoder_path, backend="onnx", dtype=torch.bfloat16)
+
+
+def test_text_without_tokens_embeds_to_zero(tiny_encoder):
+    out = tiny_encoder.encode(["", "comedy"])
+    assert not out[0].any() and abs(float(np.linalg.norm(out[1])) - 1) < 1e-5
+    assert not tiny_encoder.encode([""])[0].any()  # a batch where no text has a token

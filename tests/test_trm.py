@@ -5,16 +5,16 @@ import torch
 from deeprec_env.data import synthetic
 from deeprec_env.embed import item_text_embeddings
 from deeprec_env.metrics import ndcg_at_k
+from deeprec_env.preferences import PreferenceMix, oracle_preference, top_history_categories, wrong_categories
 from deeprec_env.trm import (
     TRMConfig,
     _windows,
     evaluate_ranks,
     load_trm,
-    misleading_preference,
-    oracle_preference,
-    preference_bank,
+    rank_examples,
     save_trm,
     train_trm,
+    trm_sequences,
 )
 
 TINY = dict(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=4, patience=10, batch_size=32, lr=5e-3)
@@ -70,40 +70,88 @@ class TRMTests:
 class TestPreferenceTRM(TRMTests):
     config = TRMConfig(**TINY)
 
-    def test_follows_preference(self, tiny_encoder):
-        tiny_ds = synthetic(300, 40, seed=1)
-        model, _ = train_trm(tiny_ds, TRMConfig(**{**TINY, "max_epochs": 15}), tiny_encoder, progress=False)
-        sp = tiny_ds.split("test")
-        none = ndcg_at_k(evaluate_ranks(model, tiny_ds, "test"), 10)
-        oracle = ndcg_at_k(
-            evaluate_ranks(
-                model, tiny_ds, "test", [oracle_preference(tiny_ds, int(t)) for t in sp.targets], tiny_encoder
-            ),
-            10,
-        )
-        mislead = ndcg_at_k(
-            evaluate_ranks(
-                model, tiny_ds, "test", [misleading_preference(tiny_ds, int(t)) for t in sp.targets], tiny_encoder
-            ),
-            10,
-        )
-        assert oracle > none > mislead
+    def test_probe_directions(self, tiny_encoder):
+        """A category of the target helps, a wrong one hurts without erasing the history, and the history's
+        own category costs little."""
+        ds = synthetic(300, 40, seed=1, loyalty=0.4)  # the history leaves the next genre open
+        shares = dict.fromkeys(PreferenceMix().weights, 0.0) | {"target_categories": 0.5, "history_categories": 0.2,
+                                                                 "noise": 0.3}  # fmt: skip
+        mix = PreferenceMix(**shares)
+        cfg = TRMConfig(**{**TINY, "max_epochs": 25, "lr": 0.01}, preferences=mix)
+        model, _ = train_trm(ds, cfg, tiny_encoder, progress=False)
+        sp, cat = ds.split("test"), ds.catalog
+
+        def ndcg(prefs):
+            return ndcg_at_k(evaluate_ranks(model, ds, "test", prefs, tiny_encoder), 10)
+
+        targets = [int(t) for t in sp.targets]
+        none = ndcg(None)
+        one = ndcg([cat.categories[t][0] for t in targets])
+        full = ndcg([oracle_preference(cat, t) for t in targets])
+        wrong = ndcg([wrong_categories(cat, t, 1) for t in targets])
+        history = ndcg([top_history_categories(cat, sp.history(i, 12)) for i in range(len(sp))])
+        assert min(one, full) > none + 0.01 and none > wrong + 0.01 and wrong > 0.5 * none
+        assert history > 0.95 * none
+
+    def test_reference_fusion_and_no_preference_terms(self, tiny_ds, tiny_encoder):
+        cfg = TRMConfig(**{**TINY, "max_epochs": 1}, fusion="add", item_text_out=False)
+        model, _ = train_trm(tiny_ds, cfg, tiny_encoder, progress=False)
+        assert not hasattr(model, "gate")
+        seqs = torch.as_tensor(tiny_ds.split("test").histories(cfg.max_len)[:4])
+        with torch.no_grad():
+            u = model.user_vectors(seqs)
+            assert torch.allclose(u.norm(dim=-1), torch.ones(4), atol=1e-5)  # LayerNorm then unit length
+            assert torch.equal(model.item_vectors()[1:], torch.nn.functional.normalize(model.item_emb.weight[1:]))
+
+    def test_gated_preference_is_weighted_evidence(self, trained, tiny_ds, tiny_encoder):
+        model, _ = trained
+        seqs = torch.as_tensor(tiny_ds.split("test").histories(self.config.max_len)[:3])
+        pref = torch.as_tensor(tiny_encoder.encode(["Comedy", "Drama", ""]))
+        has = torch.tensor([True, True, False])
+        with torch.no_grad():
+            base = model.user_vectors(seqs)
+            q = model.user_vectors(seqs, pref, has)
+        assert torch.allclose(q[2], base[2])  # no preference: the history's query, unchanged
+        extra = q[:2] - base[:2]  # trust * unit(preference): a non-negative multiple of a unit vector
+        assert torch.all(extra.norm(dim=-1) > 0)
 
 
 class TestSASRecBaseline(TRMTests):
     config = TRMConfig(**TINY, use_text=False, use_preference=False, score="dot")
 
 
-def test_preference_bank(tiny_ds):
-    texts, off, idx = preference_bank(tiny_ds)
-    for i in range(1, tiny_ds.catalog.num_embeddings):
-        cands = {texts[j] for j in idx[off[i] : off[i + 1]]}
-        cats = tiny_ds.catalog.categories[i]
-        assert "; ".join(cats) in cands
-        assert all(set(c.split("; ")) <= set(cats) for c in cands)
-    assert misleading_preference(tiny_ds, 1) and not set(misleading_preference(tiny_ds, 1).split("; ")) & set(
-        tiny_ds.catalog.categories[1]
-    )
+def test_held_out_items(tiny_ds):
+    seqs = tiny_ds.train_sequences()
+    assert [len(s) for s in trm_sequences(tiny_ds, TRMConfig(held_out=2))] == [len(s) for s in seqs]
+    assert [len(s) for s in trm_sequences(tiny_ds, TRMConfig(held_out=3))] == [len(s) - 1 for s in seqs]
+    with pytest.raises(ValueError, match="held_out=1"):
+        TRMConfig(held_out=1)
+
+
+def test_rank_examples_top_items(trained_tiny, tiny_ds):
+    model = trained_tiny
+    sp = tiny_ds.split("test")
+    hist = sp.histories(model.config.max_len)
+    ranks, top = rank_examples(model, hist, sp.targets, top=5)
+    assert top.shape == (len(sp), 5) and (top > 0).all()
+    hit = ranks < 5
+    assert all(top[i, ranks[i]] == sp.targets[i] for i in np.flatnonzero(hit))
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_ds, tiny_encoder):
+    return train_trm(tiny_ds, TRMConfig(**{**TINY, "max_epochs": 1}), tiny_encoder, progress=False)[0]
+
+
+def test_config_reads_preference_mix_from_a_dict():
+    cfg = TRMConfig(preferences={"none": 1.0, "noise": 0.5})
+    assert isinstance(cfg.preferences, PreferenceMix) and cfg.preferences.noise == 0.5
+    with pytest.raises(TypeError, match="PreferenceMix"):
+        TRMConfig(preferences=3)
+    with pytest.raises(ValueError, match="fusion='mul'"):
+        TRMConfig(fusion="mul")
+    with pytest.raises(ValueError, match="ema=1"):
+        TRMConfig(ema=1)
 
 
 def test_windows_cover_targets():
