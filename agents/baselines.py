@@ -6,6 +6,7 @@ well-formed 10-line answer, so their scores measure the ranking, not the formatt
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -14,6 +15,7 @@ from agents.base import Policy
 from deeprec_env.protocol import answer_text, call_text, history_block, read_items
 
 REASONING = "Based on the retrieved items and the history, here is my ranking."
+_YEAR = re.compile(r"\((\d{4})\)\s*$")
 
 
 def _answer(env, titles: list[str]) -> str:
@@ -22,6 +24,17 @@ def _answer(env, titles: list[str]) -> str:
 
 def _call(env, preference: str, why: str) -> str:
     return call_text(preference, env.config.protocol, why)
+
+
+def unseen_first(titles: list[str], seen: set[str], k: int) -> list[str]:
+    """The first ``k`` of ``titles`` not in ``seen``, topped up with seen ones if fewer remain."""
+    fresh = [t for t in titles if t not in seen]
+    return (fresh + [t for t in titles if t in seen])[:k]
+
+
+def seen_titles(prompt: str) -> set[str]:
+    """Titles of the history shown in the prompt: what an agent knows the user has already consumed."""
+    return {t for t, _ in read_items(history_block(prompt))}
 
 
 class _TwoStep(Policy):
@@ -80,10 +93,24 @@ class TRMOnlyPolicy(_TwoStep):
     """
 
     name = "trm-only"
+    skip_seen = False
+    """Answer the best retrieved items that are not in the prompt's history, instead of the top 10 as is."""
 
     def preference(self, state) -> str:
         """No preference."""
         return ""
+
+    def ranking(self, state, retrieved):
+        """The retrieved list, without the history's titles when ``skip_seen``."""
+        seen = seen_titles(state["prompt"]) if self.skip_seen else set()
+        return unseen_first(retrieved, seen, state["env"].config.answer_k)
+
+
+class TRMOnlyUnseenPolicy(TRMOnlyPolicy):
+    """:class:`TRMOnlyPolicy` that skips titles already in the prompt's history (what any agent can see)."""
+
+    name = "trm-only-unseen"
+    skip_seen = True
 
 
 class OraclePolicy(_TwoStep):
@@ -139,11 +166,62 @@ class HistoryFacetPolicy(Policy):
         return _answer(env, [env.catalog.titles[i] for i in env.res.retriever.rank(env.trm_history, ids)])
 
 
+class HistoryDescriberPolicy(Policy):
+    """An honest multi-call agent: describes the user's history in words and fuses what the TRM returns.
+
+    It reads only what any agent reads (the prompt's history and the item lists) and calls the TRM once
+    with no preference and once per description of the history: its most frequent category, "like
+    <its last title>" and its most frequent decade (when titles carry a year). The lists are merged by
+    reciprocal-rank fusion (each list gives an item ``1 / (k0 + rank)``), titles the user has already
+    consumed (the prompt's history) are skipped, and the best 10 are answered.
+
+    Args:
+        k0: the fusion's rank offset (larger: flatter votes).
+    """
+
+    name = "history-describer"
+
+    def __init__(self, k0: float = 60.0) -> None:
+        self.k0 = k0
+
+    def start(self, env, obs, info):
+        """Write the preferences from the history in the prompt."""
+        hist = read_items(history_block(obs))
+        cats = Counter(c for _, cats in hist for c in cats)
+        prefs = [""]
+        if cats:
+            prefs.append(cats.most_common(1)[0][0])
+        if hist:
+            prefs.append(f"like {hist[-1][0]}")
+        decades = Counter(int(m.group(1)) // 10 * 10 for t, _ in hist if (m := _YEAR.search(t)))
+        if decades:
+            prefs.append(f"from the {decades.most_common(1)[0][0]}s")
+        return {"env": env, "prefs": prefs, "lists": [], "seen": {t for t, _ in hist}}
+
+    def act(self, state, obs: str) -> str:
+        """The next description, or the fused answer."""
+        env = state["env"]
+        n = env.episode.n_calls
+        if n:
+            state["lists"].append([t for t, _ in read_items(obs)])
+        if n < len(state["prefs"]):
+            why = "Let me ask the recommender." if not state["prefs"][n] else "Another view of the history."
+            return _call(env, state["prefs"][n], why)
+        votes: dict[str, float] = {}
+        for lst in state["lists"]:
+            for r, t in enumerate(lst):
+                votes[t] = votes.get(t, 0.0) + 1.0 / (self.k0 + r)
+        ranked = sorted(votes, key=lambda t: -votes[t])  # stable: ties keep first-seen order
+        return _answer(env, unseen_first(ranked, state["seen"], env.config.answer_k))
+
+
 BASELINES = {
     "random": RandomPolicy,
     "popularity": PopularityPolicy,
     "trm-only": TRMOnlyPolicy,
+    "trm-only-unseen": TRMOnlyUnseenPolicy,
     "history-facet": HistoryFacetPolicy,
+    "history-describer": HistoryDescriberPolicy,
     "oracle-preference": OraclePolicy,
 }
 """Scripted baselines by name."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from agents.base import EpisodeRecord, Policy, run_episodes
-from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
+from deeprec_env.env import DeepRecEnv, EnvConfig, episode_split, get_resources
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
@@ -38,6 +38,8 @@ class EvalArgs:
     """File or folder for datasets other than ml-100k."""
     split: str = "test"
     """train, valid or test."""
+    user_group: str = "eval"
+    """all, rl or eval: whose examples (``eval`` by default: users the bundled trainers never train on)."""
     users: int | None = None
     """Episodes per scripted agent (None: every user of the split)."""
     llm_users: int = 16
@@ -125,9 +127,9 @@ def make_policy(name: str, args: EvalArgs) -> Policy:
 def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -> dict:
     """Evaluate every agent of ``args``; write JSON lines per agent plus summary.json / summary.md."""
     env_kwargs = {"dataset": args.dataset, "dataset_path": args.dataset_path, "split": args.split,
-                  **(env_kwargs or {})}  # fmt: skip
+                  "user_group": args.user_group, **(env_kwargs or {})}  # fmt: skip
     res = get_resources(EnvConfig(**env_kwargs), progress=progress)
-    n_examples = len(res.dataset.split(args.split))
+    n_examples = len(episode_split(EnvConfig(**env_kwargs), res.dataset))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
@@ -142,11 +144,20 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
                 f.write(json.dumps(asdict(r), default=int) + "\n")
         s = summarize(records)
         s.update(agent=name, privileged=policy.privileged, wall_s=time.perf_counter() - t)
+        s["per_episode_ndcg@10"] = {
+            int(o["example"]): r.metrics["ndcg@10"] for o, r in zip(options, records, strict=True)
+        }
         summaries.append(s)
     config = EnvConfig(**{**env_kwargs, "allow_empty_preference": True})
     protocol = {
         "dataset": f"{res.dataset.name} ({res.dataset.n_users} users, {res.dataset.n_items} items)",
-        "split": f"{args.split} (leave-one-out by time)",
+        "split": f"{args.split} (leave-one-out by time), users: {args.user_group} group"
+        + (
+            f" ({len(res.dataset.user_group(config.user_group, config.rl_share, config.group_seed))} of "
+            f"{res.dataset.n_users}; the RL group, share {config.rl_share}, seed {config.group_seed}, is for training)"
+            if config.user_group != "all"
+            else ""
+        ),
         "users": f"first {args.users or n_examples} of a permutation seeded {args.seed}; LLM agents the first "
         f"{args.llm_users}",
         "ranking": "the agent's 10-line answer grounded to catalogue ids; a failed or malformed episode is a miss",
@@ -158,6 +169,24 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
     result = {"protocol": protocol, "args": asdict(args), "env": _plain(asdict(config)), "summaries": summaries}
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def compare(summary: dict, reference: dict, seed: int = 0, n: int = 2000) -> str:
+    """Whether ``summary``'s agent beats ``reference``'s on NDCG@10, paired on the episodes both played.
+
+    Returns e.g. ``"yes: +0.0123 [+0.0040, +0.0210]"``: the mean per-episode difference with its 95%
+    bootstrap interval; "yes" / "no" when the interval excludes 0, "tie" when it does not.
+    """
+    a, b = summary["per_episode_ndcg@10"], reference["per_episode_ndcg@10"]
+    common = sorted(set(a) & set(b))
+    if not common or summary is reference:
+        return "-"
+    d = np.array([a[k] - b[k] for k in common])
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), (n, len(d)))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    verdict = "yes" if lo > 0 else "no" if hi < 0 else "tie"
+    return f"{verdict}: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def _plain(x):

@@ -225,11 +225,10 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
 
 def training_users(env, args: GRPOArgs) -> np.ndarray:
     """Training users after the difficulty filter, split into this stage's half (seeded, disjoint halves)."""
-    from deeprec_env.trm import evaluate_ranks
+    from deeprec_env.trm import rank_examples
 
-    res = env.res
-    ranks = evaluate_ranks(res.retriever.trm, res.dataset, "train")
-    split = res.dataset.split("train")
+    trm, split = env.res.retriever.trm, env.split
+    ranks, _ = rank_examples(trm, split.histories(trm.config.max_len), split.targets)
     keep = split.users[(ranks >= 0) & (ranks < args.difficulty_top)]
     keep = np.random.default_rng(1234).permutation(keep)  # the same halves for both stages
     half = len(keep) // 2
@@ -294,12 +293,17 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, ac
 
 
 def validate(policy, env_kwargs: dict, n_users: int) -> dict:
-    """Greedy Recall/NDCG on the first ``n_users`` of a seeded order of the valid split (a fixed subset)."""
-    from agents.evaluate import episode_options, evaluate_agent, summarize
-    from deeprec_env.env import EnvConfig, get_resources
+    """Greedy Recall/NDCG on a fixed subset of the validation episodes (``rollout.VALIDATION_EPISODES``).
 
-    kwargs = {**env_kwargs, "split": "valid"}
-    n = len(get_resources(EnvConfig(**kwargs)).dataset.split("valid"))
+    The subset is the first ``n_users`` of a seeded order.
+    """
+    from agents.evaluate import episode_options, evaluate_agent, summarize
+    from agents.rollout import VALIDATION_EPISODES
+    from deeprec_env.env import EnvConfig, episode_split, get_resources
+
+    kwargs = {**env_kwargs, **VALIDATION_EPISODES}
+    config = EnvConfig(**kwargs)
+    n = len(episode_split(config, get_resources(config).dataset))
     saved = policy.temperature
     policy.temperature = 0.0
     try:

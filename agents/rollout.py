@@ -42,7 +42,7 @@ def collect_rollouts(
     Args:
         policy: a sampling :class:`~agents.llm.LLMPolicy` (temperature > 0 for distinct samples).
         envs: environments to run in parallel (their number caps the batch).
-        users: dataset user indices of the training split.
+        users: dataset user indices of the training episodes' split.
         group_size: samples per user (G).
         batch_size: episodes per lock-step batch (default: ``len(envs)``).
 
@@ -61,9 +61,16 @@ def collect_rollouts(
     return out
 
 
+TRAINING_EPISODES = {"split": "test", "user_group": "rl"}
+"""Where training episodes come from: the last item of each user of the RL group."""
+VALIDATION_EPISODES = {"split": "valid", "user_group": "eval"}
+"""Where training runs validate: the second-last item of the evaluation group's users (never trained on,
+and not the test targets the final evaluation uses)."""
+
+
 @dataclass(frozen=True)
 class EpisodeSettings:
-    """The episode settings every training run on the train split shares (RL stages and warm start).
+    """The episode settings every training run shares (RL stages and warm start).
 
     A warm start and the RL stages after it must see the same episodes: the curriculum copies these
     fields from one to the other (:func:`episode_settings`).
@@ -81,8 +88,12 @@ class EpisodeSettings:
     """Items the TRM returns per call (fewer: shorter contexts, faster steps on a CPU)."""
 
     def env_kwargs(self, stage: str, extra: dict | None = None) -> dict:
-        """Environment settings of a training run in ``stage`` on the train split (``extra`` wins)."""
-        return {**episode_settings(self), "stage": stage, "split": "train", **(extra or {})}
+        """Environment settings of a training run in ``stage`` (``extra`` wins).
+
+        Training episodes are the test targets of the RL user group: the same kind of target as the
+        evaluation's, on users the evaluation never sees (``docs/evaluation.md``).
+        """
+        return {**episode_settings(self), "stage": stage, **TRAINING_EPISODES, **(extra or {})}
 
 
 def episode_settings(args: EpisodeSettings) -> dict:

@@ -34,8 +34,10 @@ class PPOArgs:
     """Environment steps to train for."""
     n_facets: int = 16
     """Facets offered as actions."""
-    split: str = "train"
-    """Split the agent trains on (evaluate on test)."""
+    split: str = "test"
+    """Split the agent trains on (with ``user_group``: the RL group's test targets, as the LLM trainers)."""
+    user_group: str = "rl"
+    """User group the agent trains on (evaluate it on ``eval``: users it never saw)."""
     dataset: str = "ml-100k"
     """Dataset name."""
     n_steps: int = 256
@@ -59,7 +61,8 @@ def train_ppo(args: PPOArgs, env_kwargs: dict | None = None):
     import deeprec_env  # noqa: F401
 
     sb3 = _require_sb3()
-    kwargs = {"dataset": args.dataset, "split": args.split, "n_facets": args.n_facets, **(env_kwargs or {})}
+    kwargs = {"dataset": args.dataset, "split": args.split, "user_group": args.user_group, "n_facets": args.n_facets,
+              **(env_kwargs or {})}  # fmt: skip
     env = gym.make("DeepRecNumeric-v0", **kwargs)
     env.reset(seed=args.seed)
     model = sb3.PPO(

@@ -169,11 +169,12 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     t0 = time.perf_counter()
     model, tok = load_causal_lm(args.model, device=args.device, dtype=args.dtype)
     env_kwargs = args.env_kwargs("rec", env_kwargs)
-    from deeprec_env.env import EnvConfig, get_resources
+    from deeprec_env.env import EnvConfig, episode_split, get_resources
 
-    n_users = len(get_resources(EnvConfig(**env_kwargs)).dataset.split("train"))
+    config = EnvConfig(**env_kwargs)
+    pool = episode_split(config, get_resources(config).dataset).users
     rng = np.random.default_rng(args.seed)
-    users = rng.permutation(n_users)[: args.episodes].tolist()
+    users = rng.permutation(pool)[: args.episodes].tolist()
     trajs, recs = demonstrations(make_teacher(args), tok, env_kwargs, users)
     if not trajs:
         raise ValueError(f"the teacher {args.teacher!r} produced no well-formed episode to learn from")

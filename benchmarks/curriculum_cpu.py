@@ -74,8 +74,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
     val = [r for r in rows if "val_ndcg@10" in r]
     protocol = {
         "model": f"{base.model} (SmolLM2-135M-Instruct, fp32), chat prompt, sampling temperature {base.temperature}",
-        "data": f"{base.dataset}, train split; validation = greedy episodes on the first {base.val_users} users "
-        "of a seeded order of the valid split",
+        "data": f"{base.dataset}, training episodes = the test targets of the RL user group; validation = greedy "
+        f"episodes on the first {base.val_users} users of a seeded order of the evaluation group's valid targets",
         "warm start": f"SFT on {state['demonstrations']} {warm.teacher} transcripts (calls drawn from "
         f"{warm.teacher_calls}, mean {state['teacher_calls_mean']:.2f}; {state['mean_tokens']:.0f} tokens each), "
         f"{warm.epochs} epochs, batch {warm.batch}, lr {warm.lr}, {state['seconds']:.0f} s",

@@ -17,10 +17,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from agents.evaluate import METRICS, EvalArgs, run
+from agents.evaluate import METRICS, EvalArgs, compare, run
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 
-COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds"]
+COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds",
+           "beats trm-only (NDCG@10, paired 95% CI)"]  # fmt: skip
 
 
 def plot(summaries: list[dict], path: Path, title: str) -> None:
@@ -60,8 +61,11 @@ def main(argv=None) -> None:
     ap.add_argument("--sb3-timesteps", type=int, default=3000)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM agents")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/main",
-                    help="results folder (default runs/main; --out benchmarks/results refreshes the committed results)")
+    ap.add_argument(
+        "--out",
+        default="runs/main",
+        help="results folder (default runs/main; --out benchmarks/results refreshes the committed results)",
+    )
     ap.add_argument("--runs", default="runs/main", help="folder for per-episode JSON lines")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -74,11 +78,13 @@ def main(argv=None) -> None:
         sb3_model = str(Path(args.runs) / "sb3-ppo.zip")
         Path(args.runs).mkdir(parents=True, exist_ok=True)
         ppo = PPOArgs(timesteps=args.sb3_timesteps, dataset=args.dataset, seed=args.seed, out=sb3_model)
-        print(f"training PPO on DeepRecNumeric-v0 (train split) for {ppo.timesteps} steps ...", flush=True)
+        print(f"training PPO on DeepRecNumeric-v0 (RL users) for {ppo.timesteps} steps ...", flush=True)
         train_ppo(ppo, env_kwargs={"dataset_path": args.dataset_path})
-        sb3_note = f"PPO, {ppo.timesteps} steps on the train split, n_steps {ppo.n_steps}, seed {ppo.seed}"
+        sb3_note = (f"PPO, {ppo.timesteps} steps on the RL group's {ppo.split} targets, n_steps {ppo.n_steps}, "
+                    f"seed {ppo.seed}")  # fmt: skip
 
-    agents = ["random", "popularity", "trm-only", "history-facet", "oracle-preference", "sb3-ppo"]
+    agents = ["random", "popularity", "trm-only", "trm-only-unseen", "history-facet", "history-describer",
+              "oracle-preference", "sb3-ppo"]  # fmt: skip
     if not args.no_llm:
         agents.append("llm")
     base = EvalArgs(
@@ -102,7 +108,16 @@ def main(argv=None) -> None:
         else "skipped",
         "sb3-ppo": sb3_note,
         "privileged": "oracle-preference reads the target's categories: an upper bound, not an agent",
+        "agents": "trm-only = one call without a preference, its top 10; trm-only-unseen = the same, skipping titles "
+        "in the prompt's history; history-facet = one call per frequent history category, merged by TRM score; "
+        "history-describer = calls with no preference, the history's top category, 'like <last title>' and its "
+        "decade, reciprocal-rank fusion, skipping seen titles",
+        "beats trm-only": "mean per-episode NDCG@10 difference to trm-only on the same episodes, 95% bootstrap "
+        "interval (2000 resamples); yes/no when it excludes 0, tie otherwise",
     }
+    reference = next(x for x in summaries if x["agent"] == "trm-only")
+    for x in summaries:
+        x["beats trm-only (NDCG@10, paired 95% CI)"] = compare(x, reference, args.seed)
     table = markdown_table(summaries, COLUMNS)
     title = f"{args.dataset} {args.split}, full catalogue, leave-one-out, seed {args.seed}"
     text = f"## Agent comparison\n\n{table}\n\nProtocol:\n{protocol_text(protocol)}\n"

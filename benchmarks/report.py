@@ -1,4 +1,7 @@
-"""Write the README's results section from ``benchmarks/results/*.md`` (what the scripts printed).
+"""Write the results sections of README.md and docs/benchmarks.md from ``benchmarks/results/*.md``.
+
+Those files are what the benchmark scripts printed; the README shows the agent comparison, the docs
+page every table.
 
 python -m benchmarks.report
 """
@@ -10,7 +13,11 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs" / "benchmarks.md"
+PAGES = {README: ("main",), DOCS: None}
+"""Which sections each page shows (None: all), between its result markers."""
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SECTIONS = [
     ("main", "python -m benchmarks.main --out benchmarks/results   # make demo runs the same into runs/main"),
@@ -25,10 +32,12 @@ _TIME_COLUMN = re.compile(r"(seconds|_s$|\bs/|/s\b|_ms|\bms\b|wall|time)", re.IG
 _NUMBER = re.compile(r"\d[\d,]*(\.\d+)?")
 
 
-def section(results: Path = RESULTS) -> str:
-    """The markdown between the README's result markers."""
+def section(results: Path = RESULTS, names: tuple[str, ...] | None = None, images: str = "benchmarks/results") -> str:
+    """The markdown between a page's result markers: the sections ``names`` (default all)."""
     parts = []
     for name, command in SECTIONS:
+        if names is not None and name not in names:
+            continue
         md = results / f"{name}.md"
         if not md.is_file():
             continue
@@ -36,7 +45,7 @@ def section(results: Path = RESULTS) -> str:
         body = re.sub(r"^## ", "### ", body, flags=re.M)
         parts.append(f"```bash\n{command}\n```\n\n{body}")
         if (results / f"{name}.png").is_file():
-            parts.append(f"![{name}](benchmarks/results/{name}.png)")
+            parts.append(f"![{name}]({images}/{name}.png)")
     return "\n\n".join(parts)
 
 
@@ -68,14 +77,28 @@ def deterministic(text: str) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    text = README.read_text()
+def page_section(page: Path) -> str:
+    """What ``page`` should hold between its result markers."""
+    images = "benchmarks/results" if page.parent == ROOT else "../benchmarks/results"
+    return section(RESULTS, PAGES[page], images)
+
+
+def current_section(page: Path) -> str:
+    """What ``page`` holds between its result markers now."""
+    text = page.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{README} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
-    print(f"updated {README}")
+        raise SystemExit(f"{page} has no {START} ... {END} markers")
+    return text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+def main() -> None:
+    for page in PAGES:
+        text = page.read_text()
+        current_section(page)  # checks the markers
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        page.write_text(f"{head}{START}\n{page_section(page)}\n{END}{tail}")
+        print(f"updated {page}")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from deeprec_env.data import PreprocessConfig, RecDataset, load_dataset, synthetic
+from deeprec_env.data import PreprocessConfig, RecDataset, Split, load_dataset, synthetic
 from deeprec_env.index import IndexConfig
 from deeprec_env.metrics import MISS, rank_metrics
 from deeprec_env.protocol import (
@@ -132,6 +132,15 @@ class EnvConfig:
     """Filtering, split and history-window settings."""
     split: Literal["train", "valid", "test"] = "test"
     """Which leave-one-out split the episodes come from."""
+    user_group: Literal["all", "rl", "eval"] = "all"
+    """Whose examples: every user's, the RL group's (a seeded share ``rl_share`` of the users, reserved for
+    training a policy) or the evaluation group's (the others). A policy trained on ``rl`` and evaluated on
+    ``eval`` never meets a training user, while both groups see the same kind of target (the bundled
+    trainers and the evaluation harness do this; ``docs/evaluation.md``)."""
+    rl_share: float = 0.5
+    """Share of the users in the RL group."""
+    group_seed: int = 0
+    """Seed of the permutation that assigns users to the RL and evaluation groups."""
     users: int | None = None
     """Use only this many examples of the split (the first of a permutation seeded by ``users_seed``)."""
     users_seed: int = 0
@@ -191,6 +200,7 @@ class EnvConfig:
             raise ValueError(f"users={self.users}; must be >= 1 or None")
         for name, allowed in (
             ("split", ("train", "valid", "test")),
+            ("user_group", ("all", "rl", "eval")),
             ("prompt", ("base", "chat")),
             ("invalid_action", ("end", "feedback")),
             ("match", ("grounded", "substring")),
@@ -198,6 +208,8 @@ class EnvConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; must be one of {allowed}")
+        if not 0 < self.rl_share < 1:
+            raise ValueError(f"rl_share={self.rl_share}; must be in (0, 1)")
         stage_weights(self.stage, self.reward_weights)  # validates both
 
     @property
@@ -222,7 +234,7 @@ class Resources:
         norms = np.linalg.norm(text_emb, axis=1, keepdims=True)
         self.text_emb = np.where(norms > 0, text_emb / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
         with torch.inference_mode():
-            v = torch.nn.functional.normalize(retriever.trm.item_emb.weight.float(), dim=-1)
+            v = torch.nn.functional.normalize(retriever.trm.item_vectors().float(), dim=-1)
         self.item_vecs = v.cpu().numpy()
 
 
@@ -259,6 +271,14 @@ def get_resources(config: EnvConfig, *, progress: bool = True) -> Resources:
     return _RESOURCES[key]
 
 
+def episode_split(config: EnvConfig, dataset: RecDataset) -> Split:
+    """The examples the episodes of ``config`` come from: its split, restricted to its user group."""
+    split = dataset.split(config.split)
+    if config.user_group == "all":
+        return split
+    return split.for_users(dataset.user_group(config.user_group, config.rl_share, config.group_seed))
+
+
 @dataclass
 class RetrievalRequest:
     """A call waiting for its item list (lets a vector env batch the retrieval of many envs)."""
@@ -289,7 +309,7 @@ class DeepRecEnv(gym.Env[str, str]):
         self.res = resources if resources is not None else get_resources(self.config)
         self.weights = self.config.weights
         self.catalog = self.res.dataset.catalog
-        self.split = self.res.dataset.split(self.config.split)
+        self.split = episode_split(self.config, self.res.dataset)
         examples = np.arange(len(self.split))
         if self.config.users is not None:
             examples = np.random.default_rng(self.config.users_seed).permutation(examples)[: self.config.users]

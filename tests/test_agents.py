@@ -6,6 +6,7 @@ import pytest
 from agents.base import Policy, run_episodes
 from agents.baselines import BASELINES, HistoryFacetPolicy
 from agents.evaluate import EvalArgs, episode_options, evaluate_agent, run, summarize
+from deeprec_env.env import DeepRecEnv
 from deeprec_env.metrics import ndcg_at_k, recall_at_k
 from deeprec_env.trm import evaluate_ranks
 
@@ -35,12 +36,45 @@ def test_trm_only_reproduces_the_trm(env_kwargs, resources, options):
     assert summarize(records)["recall@10"] == pytest.approx(recall_at_k(ranks, 10))
 
 
-def test_oracle_beats_trm_only_and_is_labelled(env_kwargs, resources, options):
-    trm = summarize(evaluate_agent(BASELINES["trm-only"](), env_kwargs, options, batch_size=16, progress=False))
+def test_oracle_is_labelled_and_beats_random(env_kwargs, resources, options):
+    rand = summarize(evaluate_agent(BASELINES["random"](), env_kwargs, options, batch_size=16, progress=False))
     oracle_policy = BASELINES["oracle-preference"]()
     oracle = summarize(evaluate_agent(oracle_policy, env_kwargs, options, batch_size=16, progress=False))
-    assert oracle_policy.privileged
-    assert oracle["ndcg@10"] > trm["ndcg@10"]
+    assert oracle_policy.privileged and not BASELINES["history-describer"].privileged
+    assert oracle["ndcg@10"] > rand["ndcg@10"]
+
+
+def test_unseen_agents_skip_the_prompts_history(env_kwargs, resources, options):
+    from agents.baselines import seen_titles
+
+    for name in ("trm-only-unseen", "history-describer"):
+        records = evaluate_agent(BASELINES[name](), env_kwargs, options[:30], batch_size=10, progress=False)
+        env = DeepRecEnv(resources=resources, **env_kwargs)
+        for o, r in zip(options[:30], records, strict=True):
+            prompt, _ = env.reset(options=o)
+            seen = {env.catalog.titles[i] for i in env.episode.history}
+            assert seen == seen_titles(prompt)
+            answered = [env.catalog.titles[i] for i in r.answer_ids]
+            fresh = [t for t in answered if t not in seen]
+            assert answered[: len(fresh)] == fresh  # unseen titles first; seen ones only to fill 10 lines
+    trm = evaluate_agent(BASELINES["trm-only-unseen"](), env_kwargs, options[:30], batch_size=10, progress=False)
+    assert all(r.calls == 1 for r in trm)
+
+
+def test_history_describer_writes_its_preferences_from_the_prompt(env_kwargs, resources):
+    from agents.baselines import HistoryDescriberPolicy
+
+    env = DeepRecEnv(resources=resources, allow_empty_preference=True, **env_kwargs)
+    policy = HistoryDescriberPolicy()
+    obs, info = env.reset(options={"example": 0})
+    state = policy.start(env, obs, info)
+    last = env.catalog.titles[int(env.episode.history[-1])]
+    assert state["prefs"][0] == "" and f"like {last}" in state["prefs"]
+    while True:
+        obs, _, term, trunc, info = env.step(policy.act(state, obs))
+        if term or trunc:
+            break
+    assert info["format_errors"] == [] and env.episode.preferences == state["prefs"]
 
 
 def test_history_facet_calls_several_times(env_kwargs, resources, options):

@@ -53,14 +53,12 @@ def test_report_section_reproduces_result_files(tmp_path):
     assert "python -m benchmarks.trm_quality" in text and "### TRM quality" in text and "| 1 |" in text
 
 
-def test_readme_results_match_result_files():
-    from pathlib import Path
+def test_readme_and_docs_results_match_result_files():
+    from benchmarks.report import PAGES, current_section, deterministic, page_section
 
-    from benchmarks.report import END, START, deterministic, section
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    current = readme.split(START, 1)[1].split(END, 1)[0].strip()
-    assert deterministic(current) == deterministic(section().strip()), "stale README: run python -m benchmarks.report"
+    for page in PAGES:
+        expected = deterministic(page_section(page).strip())
+        assert deterministic(current_section(page)) == expected, f"stale {page.name}: run python -m benchmarks.report"
 
 
 def test_readme_comparison_ignores_wall_times_only():
