@@ -113,6 +113,20 @@ class TRMOnlyUnseenPolicy(TRMOnlyPolicy):
     skip_seen = True
 
 
+class TopCategoryPolicy(_TwoStep):
+    """One call with the history's most frequent category (read from the prompt); answers the top 10.
+
+    The simplest honest test of the preference channel: the same single call as ``trm-only``, plus a word.
+    """
+
+    name = "history-top-category"
+
+    def preference(self, state) -> str:
+        """The most frequent category of the prompt's history."""
+        counts = Counter(c for _, cats in read_items(history_block(state["prompt"])) for c in cats)
+        return counts.most_common(1)[0][0] if counts else "movies the user would enjoy next"
+
+
 class OraclePolicy(_TwoStep):
     """Privileged upper bound: the preference is the target's categories; answers the top 10."""
 
@@ -220,6 +234,7 @@ BASELINES = {
     "popularity": PopularityPolicy,
     "trm-only": TRMOnlyPolicy,
     "trm-only-unseen": TRMOnlyUnseenPolicy,
+    "history-top-category": TopCategoryPolicy,
     "history-facet": HistoryFacetPolicy,
     "history-describer": HistoryDescriberPolicy,
     "oracle-preference": OraclePolicy,

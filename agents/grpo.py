@@ -1,4 +1,4 @@
-"""REINFORCE++ with a group baseline (DESIGN.md section 5), on DeepRec-v0.
+"""REINFORCE++ with a group baseline (``docs/training.md``), on DeepRec-v0.
 
 Per step: draw ``users_per_step`` training users; sample ``group_size`` episodes for each (same user,
 same reset options); the reward is the environment's total for the stage, given once per trajectory;

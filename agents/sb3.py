@@ -63,7 +63,7 @@ def train_ppo(args: PPOArgs, env_kwargs: dict | None = None):
     sb3 = _require_sb3()
     kwargs = {"dataset": args.dataset, "split": args.split, "user_group": args.user_group, "n_facets": args.n_facets,
               **(env_kwargs or {})}  # fmt: skip
-    env = gym.make("DeepRecNumeric-v0", **kwargs)
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make("DeepRecNumeric-v0", **kwargs), buffer_length=10**7)
     env.reset(seed=args.seed)
     model = sb3.PPO(
         "MlpPolicy", env, n_steps=args.n_steps, batch_size=args.batch_size, learning_rate=args.lr,
@@ -71,7 +71,18 @@ def train_ppo(args: PPOArgs, env_kwargs: dict | None = None):
     )  # fmt: skip
     model.learn(total_timesteps=args.timesteps, progress_bar=False)
     model.save(args.out)
+    model.episode_returns = [float(r) for r in env.return_queue]  # the training curve, episode by episode
     return model
+
+
+def learning_curve(returns: list[float], parts: int = 5) -> list[float]:
+    """Mean episode return over ``parts`` consecutive equal slices of training (first to last).
+
+    >>> learning_curve([0.0, 1.0, 2.0, 3.0], parts=2)
+    [0.5, 2.5]
+    """
+    chunks = np.array_split(np.asarray(returns, dtype=np.float64), parts)
+    return [round(float(c.mean()), 4) if len(c) else float("nan") for c in chunks]
 
 
 class SB3Policy(Policy):

@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sb3-model", default=None, help="saved PPO model (default: train one briefly)")
-    ap.add_argument("--sb3-timesteps", type=int, default=3000)
+    ap.add_argument("--sb3-timesteps", type=int, default=30000)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM agents")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -73,18 +73,20 @@ def main(argv=None) -> None:
     sb3_model = args.sb3_model
     sb3_note = f"loaded from {sb3_model}"
     if sb3_model is None:
-        from agents.sb3 import PPOArgs, train_ppo
+        from agents.sb3 import PPOArgs, learning_curve, train_ppo
 
         sb3_model = str(Path(args.runs) / "sb3-ppo.zip")
         Path(args.runs).mkdir(parents=True, exist_ok=True)
         ppo = PPOArgs(timesteps=args.sb3_timesteps, dataset=args.dataset, seed=args.seed, out=sb3_model)
         print(f"training PPO on DeepRecNumeric-v0 (RL users) for {ppo.timesteps} steps ...", flush=True)
-        train_ppo(ppo, env_kwargs={"dataset_path": args.dataset_path})
+        ppo_model = train_ppo(ppo, env_kwargs={"dataset_path": args.dataset_path})
+        curve = learning_curve(ppo_model.episode_returns)
         sb3_note = (f"PPO, {ppo.timesteps} steps on the RL group's {ppo.split} targets, n_steps {ppo.n_steps}, "
-                    f"seed {ppo.seed}")  # fmt: skip
+                    f"seed {ppo.seed}; mean training return over five equal parts of its "
+                    f"{len(ppo_model.episode_returns)} episodes: {curve}")  # fmt: skip
 
-    agents = ["random", "popularity", "trm-only", "trm-only-unseen", "history-facet", "history-describer",
-              "oracle-preference", "sb3-ppo"]  # fmt: skip
+    agents = ["random", "popularity", "trm-only", "history-top-category", "history-facet", "trm-only-unseen",
+              "history-describer", "oracle-preference", "sb3-ppo"]  # fmt: skip
     if not args.no_llm:
         agents.append("llm")
     base = EvalArgs(
@@ -108,7 +110,8 @@ def main(argv=None) -> None:
         else "skipped",
         "sb3-ppo": sb3_note,
         "privileged": "oracle-preference reads the target's categories: an upper bound, not an agent",
-        "agents": "trm-only = one call without a preference, its top 10; trm-only-unseen = the same, skipping titles "
+        "agents": "trm-only = one call without a preference, its top 10; history-top-category = one call with the "
+        "history's most frequent category, its top 10; trm-only-unseen = trm-only skipping titles "
         "in the prompt's history; history-facet = one call per frequent history category, merged by TRM score; "
         "history-describer = calls with no preference, the history's top category, 'like <last title>' and its "
         "decade, reciprocal-rank fusion, skipping seen titles",

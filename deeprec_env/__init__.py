@@ -6,7 +6,7 @@ Importing the package registers ``DeepRec-v0`` (stage ``rec``), ``DeepRecColdSta
 
 from gymnasium.envs.registration import register, registry
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 ENV_IDS = ("DeepRec-v0", "DeepRecColdStart-v0", "DeepRecNumeric-v0")
 

@@ -1,4 +1,4 @@
-"""Datasets: loading, preprocessing (DESIGN.md section 6), leave-one-out splits and an on-disk cache.
+"""Datasets: loading, preprocessing (``docs/evaluation.md``), leave-one-out splits and an on-disk cache.
 
 >>> ds = synthetic(n_users=30, n_items=40, seed=0)
 >>> test = ds.split("test")
@@ -43,7 +43,7 @@ CACHE_VERSION = 1
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How raw interactions become sequences. Defaults are DESIGN.md section 6."""
+    """How raw interactions become sequences. Defaults are the evaluation protocol of ``docs/evaluation.md``."""
 
     min_user_count: int = 5
     """Iterated k-core: users with fewer interactions are dropped (repeat until stable)."""
@@ -499,7 +499,7 @@ def load_dataset(
             metadata file as ``metadata``), ``"atomic"`` (a RecBole ``.inter`` file, or a folder
             holding ``<name>.inter`` and ``<name>.item``) or ``"synthetic"``.
         path: File or folder for every name but ``ml-100k`` and ``synthetic``.
-        config: Preprocessing settings (default: DESIGN.md section 6).
+        config: Preprocessing settings (default: ``docs/evaluation.md``).
         metadata: Item metadata file for ``amazon`` (or ``.item`` file for ``atomic``).
         cache: Read and write the processed cache under :func:`cache_dir`.
 

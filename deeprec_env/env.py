@@ -1,80 +1,7 @@
-r"""DeepRec-v0: an LLM explores the item space through a preference-aware recommender, then ranks 10 items.
+"""DeepRec-v0: the text environment, its configuration and the resources it shares.
 
-## Description
-
-One episode is one user with one held-out target item (DESIGN.md section 1). The prompt shows the
-user's history as numbered titles with their categories. Each ``step`` consumes one text segment of
-the policy. A segment that ends in a TRM call ``<|begin_of_preference|> phrases <|end_of_preference|>``
-gets the top-20 items that the TRM retrieves for (history, preference) back as the next observation;
-a segment that holds ``</think>`` and ``<recommendation_list> 1. ... 10. </recommendation_list>`` ends
-the episode with the outcome reward.
-
-## Action Space
-
-``gymnasium.spaces.Text``: one generated segment (any ``str`` is accepted; characters outside the
-charset are fine; a non-``str`` raises ``TypeError``). Segments longer than
-``protocol.max_segment_chars`` are invalid actions.
-
-## Observation Space
-
-``gymnasium.spaces.Text`` whose charset covers printable ASCII, the protocol and every character of
-the catalogue. ``reset`` returns the prompt; a call returns the inserted item list
-(``<|begin_of_item_list|>\n1. Title\n  - categories: a, b\n...<|end_of_item_list|>\n\n``); with
-``invalid_action="feedback"`` an invalid segment returns a corrective message; the last step returns "".
-
-## Rewards
-
-Every component is returned unweighted in ``info["reward_components"]``; the step reward is
-``sum(weights[c] * components[c])``. Stage ``rec`` weighs format + hit + rank + point, stage
-``coldstart`` format + invocation + diversity (``deeprec_env.rewards.STAGES``).
-
-| component | stage | range | when |
-|---|---|---|---|
-| format | both | {0, -1} | episode end: -1 if any whole-response check fails; feedback mode: each rejected segment |
-| invocation | coldstart | {0, 0.5, 1} | episode end; n = min(calls, 3), 0.5 * (n - 1) if n > 1 |
-| diversity | coldstart | [0, 0.4] | episode end; 0.2 * (1 - mean pairwise cosine of the preferences) |
-| retrieval_hit | off | [0, 1] | the call whose list first holds the target, at rank r: 1 / log2(r + 2) |
-| hit | rec | {0, 1} | episode end, format = 0, an answer line names the target |
-| rank | rec | [0, 2] | episode end, format = 0, 0.2 * (10 - i) for the first line i naming the target |
-| point | rec | [-10, 10] | episode end, format = 0, 10 * weighted mean similarity of answer and target |
-
-## Starting State
-
-A user of the chosen split: drawn with ``self.np_random``, or ``options={"user": u}`` (a dataset user
-index) or ``options={"example": j}`` (an index into the split). The same options give the same episode,
-so a trainer can sample a group of responses for one user.
-
-## Episode End
-
-- *Termination*: a valid answer segment.
-- *Termination*: an invalid segment when ``invalid_action="end"`` (the reference behaviour).
-- *Truncation*: a call when the budget (``max_calls``, 8) is spent: the 9th segment must answer.
-- *Truncation*: more than ``max_invalid`` rejected segments when ``invalid_action="feedback"``.
-
-## Arguments
-
-``gym.make("DeepRec-v0", **kwargs)`` with any field of :class:`EnvConfig` (dataset, split, stage,
-reward_weights, prompt, retrieval_k, max_calls, answer_k, dedup_retrieved, mask_history,
-invalid_action, match, protocol, trm, trm_checkpoint, encoder, encoder_backend, index, ...), plus
-``render_mode="ansi"``.
-``DeepRecColdStart-v0`` is the same environment with ``stage="coldstart"``.
-
-## Info
-
-reset: ``user``, ``user_id``, ``history`` (list of the ids shown), ``split``, ``stage``, ``messages``
-(chat prompt). step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components``,
-``n_calls``; after a call also ``retrieved`` (list of ids), ``preference`` and ``env_text`` (the
-inserted text). At the end also ``target``, ``answer_ids``, ``rank``, ``metrics`` (recall@1/5/10,
-ndcg@5/10; a failed or malformed episode is a miss), ``hallucinated``, ``seen``, ``duplicates`` and
-``format_errors``.
-
-## Version History
-
-- v0: first release.
-
->>> import gymnasium as gym, deeprec_env
->>> env = gym.make("DeepRec-v0")  # doctest: +SKIP
->>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+The environment card (spaces, rewards, episode ends, arguments, ``info`` keys, version history) is the
+docstring of :class:`DeepRecEnv`: ``help(gym.make("DeepRec-v0").unwrapped)``.
 """
 
 from __future__ import annotations
@@ -171,7 +98,7 @@ class EnvConfig:
     """``end``: an invalid segment ends the episode (reference). ``feedback``: it is rejected with a
     corrective message and ``format = -1`` for that step, and the episode goes on."""
     max_invalid: int = 3
-    """In feedback mode, the episode is truncated after this many rejected segments."""
+    """In feedback mode, the episode ends (penalised) after this many rejected segments."""
     match: Literal["grounded", "substring"] = "grounded"
     """How answer lines name the target: grounded to catalogue ids (ours) or the reference's
     "target title is a substring of the line"."""
@@ -289,8 +216,126 @@ class RetrievalRequest:
 
 
 class DeepRecEnv(gym.Env[str, str]):
-    """The DeepRec text environment; see the module docstring (the environment card).
+    r"""DeepRec-v0: an LLM explores the item space through a preference-aware recommender, then ranks 10 items.
 
+    ## Description
+
+    One episode is one user with one held-out target item (``docs/design.md``). The prompt shows the
+    user's history as numbered titles with their categories. Each ``step`` consumes one text segment of
+    the policy. A segment that ends in a TRM call ``<|begin_of_preference|> phrases <|end_of_preference|>``
+    gets the top-20 items that the TRM retrieves for (history, preference) back as the next observation;
+    a segment that holds ``</think>`` and ``<recommendation_list> 1. ... 10. </recommendation_list>`` ends
+    the episode with the outcome reward.
+
+    ## Action Space
+
+    ``gymnasium.spaces.Text``: one generated segment (any ``str`` is accepted; characters outside the
+    charset are fine; a non-``str`` raises ``TypeError``). Segments longer than
+    ``protocol.max_segment_chars`` are invalid actions.
+
+    ## Observation Space
+
+    ``gymnasium.spaces.Text`` whose charset covers printable ASCII, the protocol and every character of
+    the catalogue. ``reset`` returns the prompt; a call returns the inserted item list
+    (``<|begin_of_item_list|>\n1. Title\n  - categories: a, b\n...<|end_of_item_list|>\n\n``); with
+    ``invalid_action="feedback"`` an invalid segment returns a corrective message; the last step returns "".
+
+    ## Rewards
+
+    Every component is returned unweighted in ``info["reward_components"]``; the step reward is
+    ``sum(weights[c] * components[c])``. Stage ``rec`` weighs format + hit + rank + point, stage
+    ``coldstart`` format + invocation + diversity (``deeprec_env.rewards.STAGES``).
+
+    | component | stage | range | when |
+    |---|---|---|---|
+    | format | both | {0, -1} | episode end: -1 if a whole-response check fails; feedback mode: each rejection |
+    | invocation | coldstart | {0, 0.5, 1} | episode end; n = min(calls, 3), 0.5 * (n - 1) if n > 1 |
+    | diversity | coldstart | [0, 0.4] | episode end; 0.2 * (1 - mean pairwise cosine of the preferences) |
+    | retrieval_hit | off | [0, 1] | the call whose list first holds the target, at rank r: 1 / log2(r + 2) |
+    | hit | rec | {0, 1} | episode end, format = 0, an answer line names the target |
+    | rank | rec | [0, 2] | episode end, format = 0, 0.2 * (10 - i) for the first line i naming the target |
+    | point | rec | [-10, 10] | episode end, format = 0, 10 * weighted mean similarity of answer and target |
+
+    ## Starting State
+
+    A user of the chosen split and user group (``user_group``: all users, the RL group that policies train
+    on, or the evaluation group; ``docs/evaluation.md``): drawn with ``self.np_random``, or
+    ``options={"user": u}`` (a dataset user index) or ``options={"example": j}`` (an index into the group's
+    examples). The same options give the same episode, so a trainer can sample a group of responses for one
+    user.
+
+    ## Episode End
+
+    Every end is a *termination*: each is part of the task, and all but the first are penalised (format -1),
+    so a trainer must not bootstrap past them. The environment never truncates; a step limit of your own
+    belongs in a wrapper such as ``gymnasium.wrappers.TimeLimit``.
+
+    - *Termination*: a valid answer segment.
+    - *Termination*: an invalid segment when ``invalid_action="end"`` (the reference behaviour).
+    - *Termination*: a call when the budget (``max_calls``, 8) is spent: the 9th segment must answer.
+    - *Termination*: more than ``max_invalid`` rejected segments when ``invalid_action="feedback"``.
+
+    ## Arguments
+
+    ``gym.make("DeepRec-v0", **kwargs)`` takes any field of :class:`EnvConfig` (each documented there) and
+    ``render_mode="ansi"``. The main ones:
+
+    | argument | default | meaning |
+    |---|---|---|
+    | ``dataset`` / ``dataset_path`` | ``"ml-100k"`` / None | ml-100k (embedded), ml-1m, amazon, atomic or synthetic |
+    | ``split`` / ``user_group`` | ``"test"`` / ``"all"`` | leave-one-out split; all users, the RL or evaluation group |
+    | ``stage`` / ``reward_weights`` | ``"rec"`` / None | reward stage (``rec``, ``coldstart``) or explicit weights |
+    | ``prompt`` / ``prompt_history`` | ``"base"`` / 20 | base-model or chat prompt; history items shown |
+    | ``retrieval_k`` / ``max_calls`` / ``answer_k`` | 20 / 8 / 10 | items per call, call budget, answer lines |
+    | ``dedup_retrieved`` / ``mask_history`` | False / False | never return retrieved / history items |
+    | ``allow_empty_preference`` | False | accept an empty preference as a call without one |
+    | ``invalid_action`` / ``max_invalid`` | ``"end"`` / 3 | end on an invalid segment, or reject it with feedback |
+    | ``match`` / ``fuzzy_cutoff`` | ``"grounded"`` / 0.9 | ground answer lines to ids, or the reference's rule |
+    | ``protocol`` | ``ProtocolConfig()`` | tags and format rules |
+    | ``trm`` / ``trm_checkpoint`` | ``TRMConfig()`` / None | TRM settings (trained once and cached) or a checkpoint |
+    | ``encoder`` / ``encoder_backend`` | ``"minilm"`` / ``"torch"`` | text encoder (hub id or path), how it runs |
+    | ``index`` | ``IndexConfig()`` | faiss index (exact, HNSW, IVF) |
+
+    ``DeepRecColdStart-v0`` is the same environment with ``stage="coldstart"``.
+
+    ## Info
+
+    reset: ``user``, ``user_id``, ``history`` (list of the ids shown), ``split``, ``stage``, ``messages``
+    (chat prompt). step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components``,
+    ``n_calls``; after a call also ``retrieved`` (list of ids), ``preference`` and ``env_text`` (the
+    inserted text). At the end also ``target``, ``answer_ids``, ``rank``, ``metrics`` (recall@1/5/10,
+    ndcg@5/10; a failed or malformed episode is a miss), ``hallucinated``, ``seen``, ``duplicates`` and
+    ``format_errors``. ``rank`` is the target's answer line (0-based; every line keeps its place, whether it
+    names an item or not), the position the ``rank`` reward and the metrics use.
+
+    ## Version History
+
+    - v0 (deeprec-env 0.2): the TRM treats a preference as evidence (``docs/trm.md``), so the same actions
+      retrieve different items than in 0.1; ``info["rank"]`` and the metrics count every answer line; a spent
+      call budget and too many rejected segments end the episode as terminations (they were truncations).
+    - v0 (deeprec-env 0.1): first release.
+
+    ## Example
+
+    On the synthetic dataset with a tiny TRM (the defaults use ml-100k and train the TRM once, ~3 minutes):
+
+    >>> import gymnasium as gym, deeprec_env
+    >>> from deeprec_env.trm import TRMConfig
+    >>> tiny = TRMConfig(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=1)
+    >>> env = gym.make("DeepRec-v0", dataset="synthetic", trm=tiny)
+    >>> obs, info = env.reset(seed=0)
+    >>> obs.endswith("<think>\n"), info["split"]
+    (True, 'test')
+    >>> obs, reward, terminated, truncated, info = env.step("<|begin_of_preference|> drama <|end_of_preference|>")
+    >>> obs.startswith("<|begin_of_item_list|>"), len(info["retrieved"]), reward, terminated
+    (True, 20, 0.0, False)
+    >>> titles = [env.unwrapped.catalog.titles[i] for i in info["retrieved"][:10]]
+    >>> answer = "\n".join(f"{n}. {t}" for n, t in enumerate(titles, start=1))
+    >>> obs, reward, terminated, truncated, info = env.step(
+    ...     f"Done.\n</think>\n<recommendation_list>\n{answer}\n</recommendation_list>")
+    >>> terminated, info["format_errors"], len(info["answer_ids"])
+    (True, [], 10)
+    
     Args:
         render_mode: None or ``"ansi"``.
         resources: shared dataset/TRM/index to use instead of :func:`get_resources` (which already
@@ -393,8 +438,8 @@ class DeepRecEnv(gym.Env[str, str]):
         if act.kind == "call":
             if ep.n_calls >= cfg.max_calls:
                 ep.add("policy", action)
-                ep.truncated_reason = f"call budget of {cfg.max_calls} spent: this segment had to answer"
-                return self._finish(act, terminated=False)
+                ep.end_reason = f"call budget of {cfg.max_calls} spent: this segment had to answer"
+                return self._finish(act)
             ep.add("policy", action)
             ep.preferences.append(act.preference)
             self._pending = act
@@ -408,20 +453,20 @@ class DeepRecEnv(gym.Env[str, str]):
         if act.kind == "answer":
             ep.add("policy", action)
             ep.answer = act
-            return self._finish(act, terminated=True)
+            return self._finish(act)
         # invalid
         if cfg.invalid_action == "feedback":
             self._rejected += 1
             if self._rejected > cfg.max_invalid:
-                ep.truncated_reason = f"more than {cfg.max_invalid} rejected segments"
-                return self._finish(act, terminated=False)
+                ep.end_reason = f"more than {cfg.max_invalid} rejected segments"
+                return self._finish(act)
             comps = dict.fromkeys(COMPONENTS, 0.0)
             comps["format"] = -1.0
             msg = f"[invalid action: {'; '.join(act.errors)}. Continue with a call or the final answer.]\n"
             return msg, self._weighted(comps), False, False, self._step_info(act, comps)
         ep.add("policy", action[: cfg.protocol.max_segment_chars])
         ep.invalid.append(act.errors)
-        return self._finish(act, terminated=True)
+        return self._finish(act)
 
     def end_step(self, ids: np.ndarray) -> tuple[str, float, bool, bool, dict]:
         """Finish a call with the retrieved ``ids``: insert the item list, give ``retrieval_hit``."""
@@ -467,7 +512,7 @@ class DeepRecEnv(gym.Env[str, str]):
             out.append(item)
         return out
 
-    def _finish(self, act: Action, *, terminated: bool):
+    def _finish(self, act: Action):
         ep, cfg = self.episode, self.config
         self._done = True
         ep.answer_ids = self._ground(ep.answer.answer_lines) if ep.answer is not None else []
@@ -497,7 +542,7 @@ class DeepRecEnv(gym.Env[str, str]):
             duplicates=len(valid_ids) - len(set(valid_ids)),
             format_errors=list(ep.format_errors),
         )
-        return "", self._weighted(comps), terminated, not terminated, info
+        return "", self._weighted(comps), True, False, info
 
     @property
     def trm_history(self) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Ranking metrics on item ids (single held-out target, DESIGN.md section 6).
+"""Ranking metrics on item ids (single held-out target, ``docs/evaluation.md``).
 
 A rank is the 0-based position of the target in a ranked list; a miss (target absent, failed or
 malformed episode) is ``-1``. Recall@k equals HitRate@k with one target.

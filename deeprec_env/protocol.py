@@ -1,4 +1,4 @@
-"""The text protocol (DESIGN.md section 2): tags, prompts, item lists, segment parsing, format checks.
+"""The text protocol (``docs/design.md``): tags, prompts, item lists, segment parsing, format checks.
 
 This is the only module that writes or reads protocol text. :func:`parse` never raises on a ``str``:
 agent mistakes come back as ``Action(kind="invalid", errors=...)``.
@@ -263,8 +263,8 @@ class Episode:
     """Each answer line grounded to an item number (None: no such item)."""
     invalid: list[tuple[str, ...]] = field(default_factory=list)
     """Errors of every invalid segment."""
-    truncated_reason: str = ""
-    """Why the episode was truncated, if it was."""
+    end_reason: str = ""
+    """Why the environment ended the episode before an answer (budget spent, too many rejections), if so."""
     format_errors: list[str] = field(default_factory=list)
     """Whole-response format failures (filled when the episode ends)."""
     patterns: tuple[str, ...] = ()
@@ -322,12 +322,12 @@ def format_patterns(p: ProtocolConfig) -> tuple[str, ...]:
 
 
 def check_format(ep: Episode, p: ProtocolConfig, k: int) -> list[str]:
-    """Whole-response format checks of DESIGN.md section 4 (the reference's list); empty means format = 0."""
+    """Whole-response format checks of ``docs/design.md`` (the reference's list); empty means format = 0."""
     errs: list[str] = []
     if ep.invalid:
         errs.append(f"{len(ep.invalid)} invalid segment(s)")
-    if ep.truncated_reason:
-        errs.append(ep.truncated_reason)
+    if ep.end_reason:
+        errs.append(ep.end_reason)
     counts = {
         ep.count(p.call_open),
         ep.count(p.call_close),

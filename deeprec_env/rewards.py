@@ -1,4 +1,4 @@
-"""Hierarchical rewards (DESIGN.md section 4): one pure function per named component.
+"""Hierarchical rewards (``docs/design.md``): one pure function per named component.
 
 Process level: ``format``, ``invocation``, ``diversity`` and our optional ``retrieval_hit``.
 Outcome level (only when ``format`` is 0): ``hit``, ``rank`` and ``point``.

@@ -185,17 +185,17 @@ def test_feedback_mode(make_env):
     for _ in range(2):
         env.step("still no tags")
     _, r, term, trunc, info = env.step("and again")
-    assert trunc and not term and info["reward_components"]["format"] == -1.0
+    assert term and not trunc and info["reward_components"]["format"] == -1.0
 
 
-def test_call_budget_truncates(make_env):
+def test_call_budget_ends_the_episode(make_env):
     env = make_env(max_calls=8)
     env.reset(seed=0)
     for i in range(8):
         _, _, term, trunc, _ = env.step(CALL.format(f"drama {i}"))
         assert not term and not trunc
     _, r, term, trunc, info = env.step(CALL.format("one more"))
-    assert trunc and not term and r == -1.0
+    assert term and not trunc and r == -1.0
     assert any("call budget" in e for e in info["format_errors"])
 
 
