@@ -335,7 +335,7 @@ class DeepRecEnv(gym.Env[str, str]):
     ...     f"Done.\n</think>\n<recommendation_list>\n{answer}\n</recommendation_list>")
     >>> terminated, info["format_errors"], len(info["answer_ids"])
     (True, [], 10)
-    
+
     Args:
         render_mode: None or ``"ansi"``.
         resources: shared dataset/TRM/index to use instead of :func:`get_resources` (which already
