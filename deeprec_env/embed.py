@@ -86,8 +86,9 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
-        self.id = hashlib.sha256(f"{self.name}|{path}|{max_length}|{dtype}".encode()).hexdigest()[:12]
-        """Short id of (model, truncation, dtype), used in cache keys (the same for both backends)."""
+        self.id = hashlib.sha256(f"{_weights_digest(self.model)}|{max_length}|{dtype}".encode()).hexdigest()[:12]
+        """Short id of (weights, truncation, dtype), used in cache keys (the same for both backends). It hashes
+        what the model computes with, not where it is installed, so another virtualenv reuses the caches."""
         self.backend = backend
         self._session = self._inputs = None
         if backend == "onnx":
@@ -157,6 +158,16 @@ class TextEncoder:
     def encode_one(self, text: str) -> np.ndarray:
         """Embed one text (through the LRU cache); returns a read-only ``(dim,)`` vector."""
         return self.encode([text])[0]
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's class and every tensor of its state (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class _Pooled(torch.nn.Module):

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from deeprec_env.data import cache_dir
 from deeprec_env.embed import TextEncoder, item_text_embeddings
@@ -83,3 +84,19 @@ def test_text_without_tokens_embeds_to_zero(tiny_encoder):
     out = tiny_encoder.encode(["", "comedy"])
     assert not out[0].any() and abs(float(np.linalg.norm(out[1])) - 1) < 1e-5
     assert not tiny_encoder.encode([""])[0].any()  # a batch where no text has a token
+
+
+def test_encoder_id_follows_the_weights_not_the_folder(tiny_encoder_path, tmp_path):
+    import shutil
+
+    from deeprec_env.embed import TextEncoder
+
+    copy = shutil.copytree(tiny_encoder_path, tmp_path / "elsewhere")
+    a, b = TextEncoder(tiny_encoder_path), TextEncoder(copy)
+    assert a.id == b.id  # a second virtualenv (another install path) shares the caches
+    assert TextEncoder(copy, max_length=16).id != a.id
+    with torch.no_grad():
+        b.model.embeddings.word_embeddings.weight[5] += 1.0
+    from deeprec_env.embed import _weights_digest
+
+    assert _weights_digest(b.model) != _weights_digest(a.model)
