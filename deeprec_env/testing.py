@@ -3,7 +3,7 @@
 Each function takes a zero-argument environment factory, raises ``AssertionError`` with a message
 on failure, and ends in ``_test`` so that pytest does not collect it on import::
 
-    from deeprec_env.testing import api_test, seed_test
+    from deeprec_env.testing import api_test, sampled_actions_test, seed_test
     api_test(lambda: gym.make("DeepRec-v0"))
 """
 
@@ -69,11 +69,16 @@ def _plain(x):
 
 
 def api_test(make_env: EnvFactory) -> None:
-    """Gymnasium's ``check_env`` on the unwrapped env, plus spaces holding the observations."""
+    """Gymnasium's ``check_env`` on the unwrapped env (a warning from it fails), plus observations in their space."""
+    import warnings
+
     from gymnasium.utils.env_checker import check_env
 
     env = make_env()
-    check_env(env.unwrapped, skip_render_check=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped, skip_render_check=True)
+    assert not caught, f"check_env warned: {[str(w.message) for w in caught]}"
     obs, _ = env.reset(seed=0)
     assert obs in env.observation_space, "reset observation is outside observation_space"
     for action in scripted_actions(env):
@@ -89,6 +94,56 @@ def seed_test(make_env: EnvFactory, seeds: tuple[int, ...] = (0, 1, 7)) -> None:
     for seed in seeds:
         ra, rb = _rollout(a, seed), _rollout(b, seed)
         assert ra == rb, f"seed {seed}: two environments diverged"
+
+
+def random_actions(env: gym.Env, rng: np.random.Generator):
+    """An endless stream of seeded actions: calls, answers and garbage (text envs), or any index (numeric)."""
+    base = env.unwrapped
+    if isinstance(env.action_space, gym.spaces.Discrete):
+        while True:
+            yield int(rng.integers(0, env.action_space.n))
+    p, cat = base.config.protocol, base.catalog
+    words = sorted({w for t in cat.titles[1:] for w in t.split()} | set(cat.all_categories))
+    while True:
+        kind = rng.integers(0, 5)
+        if kind <= 1:
+            pref = " ".join(words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(1, 5))))
+            yield call_text(pref, p, "Thinking.")
+        elif kind == 2:
+            n = base.config.answer_k if rng.random() < 0.7 else int(rng.integers(0, 2 * base.config.answer_k))
+            yield answer_text([cat.titles[int(i)] for i in rng.integers(1, cat.num_embeddings, n)], p, "Ranking.")
+        elif kind == 3:
+            yield GARBAGE[int(rng.integers(0, len(GARBAGE)))]
+        else:
+            chars = sorted(env.action_space.character_set)
+            yield "".join(chars[int(i)] for i in rng.integers(0, len(chars), int(rng.integers(0, 300))))
+
+
+def sampled_actions_test(make_env: EnvFactory, seeds: tuple[int, ...] = (0, 1), steps: int = 24) -> None:
+    """Seeded random actions mixed with garbage give equal trajectories in two environments.
+
+    Also: never an exception, every observation inside the space, every reward finite.
+    """
+    from gymnasium.utils.env_checker import data_equivalence
+
+    a, b = make_env(), make_env()
+    for seed in seeds:
+        runs = []
+        for env in (a, b):
+            rng = np.random.default_rng(seed)
+            actions = random_actions(env, rng)
+            obs, info = env.reset(seed=seed)
+            out = [(obs, _plain(info))]
+            for t in range(steps):
+                obs, r, term, trunc, info = env.step(next(actions))
+                assert obs in env.observation_space, f"seed {seed}, step {t}: observation outside the space"
+                assert np.isfinite(r), f"seed {seed}, step {t}: reward {r}"
+                out.append((obs, r, term, trunc, _plain(info)))
+                if term or trunc:
+                    obs, info = env.reset(seed=seed + 1000 * (t + 1))
+                    out.append((obs, _plain(info)))
+            runs.append(out)
+        assert data_equivalence(runs[0], runs[1]), f"seed {seed}: two environments diverged on sampled actions"
 
 
 def reward_sum_test(make_env: EnvFactory, seeds: tuple[int, ...] = (0, 1, 2)) -> None:

@@ -2,7 +2,7 @@ import gymnasium as gym
 import pytest
 
 import deeprec_env
-from deeprec_env.testing import api_test, garbage_action_test, reward_sum_test, seed_test
+from deeprec_env.testing import api_test, garbage_action_test, reward_sum_test, sampled_actions_test, seed_test
 
 
 @pytest.fixture(params=deeprec_env.ENV_IDS)
@@ -24,6 +24,31 @@ def test_reward_sum(factory):
 
 def test_garbage_actions(factory):
     garbage_action_test(factory)
+
+
+def test_sampled_actions(factory):
+    sampled_actions_test(factory)
+
+
+OPTION_GRID = [
+    {"invalid_action": "feedback"},
+    {"prompt": "chat", "match": "substring"},
+    {"dedup_retrieved": True, "mask_history": True},
+    {"stage": "coldstart", "allow_empty_preference": True, "max_calls": 2},
+    {"reward_weights": {"format": 1.0, "retrieval_hit": 1.0, "point": 0.5}, "user_group": "eval"},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: ",".join(o))
+def test_conformance_over_options(options, env_kwargs, resources):
+    def factory():
+        return gym.make("DeepRec-v0", **env_kwargs, **options)
+
+    api_test(factory)
+    seed_test(factory, seeds=(0, 3))
+    reward_sum_test(factory, seeds=(0,))
+    garbage_action_test(factory)
+    sampled_actions_test(factory, seeds=(5,))
 
 
 def test_numeric_view_with_sb3(env_kwargs, resources):
