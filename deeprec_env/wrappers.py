@@ -1,17 +1,6 @@
 """A numeric view of DeepRec for classic RL (``DeepRecNumeric-v0``): Box observations, Discrete actions.
 
-Action ``a < n_facets`` calls the TRM with one catalogue facet (a category, most frequent first) as
-the preference; action ``n_facets`` finishes: the items retrieved so far, ranked by the TRM's
-no-preference score, become the 10-line answer. Each action is written as a protocol segment and
-stepped through the text :class:`~deeprec_env.env.DeepRecEnv`, so rewards, metrics and info are the
-text environment's. The observation concatenates, all in [0, 1]:
-
-- the share of each facet in the user's history (``n_facets``),
-- which facets were already queried (``n_facets``),
-- calls used / budget, distinct items retrieved / (budget * k), and the share of the best
-  retrieved items' facets that match the history's top facet.
-
-Finishing before any call fails the format check (-1); so does a call past the budget.
+The environment card is the docstring of :class:`DeepRecNumericEnv`.
 """
 
 from __future__ import annotations
@@ -27,7 +16,51 @@ from deeprec_env.protocol import answer_text, call_text
 
 
 class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
-    """Discrete facet queries over :class:`~deeprec_env.env.DeepRecEnv`; see the module docstring.
+    """DeepRecNumeric-v0: discrete facet queries over the text environment, for stable-baselines3 and friends.
+
+    ## Description
+
+    Each action is written as a protocol segment and stepped through the text
+    :class:`~deeprec_env.env.DeepRecEnv`, so rewards, metrics, episode ends and ``info`` are the text
+    environment's (see its card).
+
+    ## Action Space
+
+    ``Discrete(n_facets + 1)``: action ``a < n_facets`` calls the TRM with one catalogue facet (a
+    category, most frequent first) as the preference; action ``n_facets`` finishes: the items retrieved so
+    far, ranked by the TRM's no-preference score, become the 10-line answer. Any other value raises
+    ``ValueError``.
+
+    ## Observation Space
+
+    ``Box(0, 1, (2 * n_facets + 3,), float32)``: the share of each facet in the user's history
+    (``n_facets``), which facets were already queried (``n_facets``), calls used / budget, distinct items
+    retrieved / (budget * k), and the share of the best retrieved items' facets that match the history's
+    top facet.
+
+    ## Rewards, Starting State, Episode End
+
+    The text environment's: finishing before any call fails the format check (-1), and so does a call
+    past the budget; every end is a termination.
+
+    ## Version History
+
+    - v0 (deeprec-env 0.2): the text environment's 0.2 changes apply.
+    - v0 (deeprec-env 0.1): first release.
+
+    ## Example
+
+    >>> import gymnasium as gym, deeprec_env
+    >>> from deeprec_env.trm import TRMConfig
+    >>> tiny = TRMConfig(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=1)
+    >>> env = gym.make("DeepRecNumeric-v0", dataset="synthetic", trm=tiny, n_facets=4)
+    >>> obs, info = env.reset(seed=0)
+    >>> obs.shape, env.action_space
+    ((11,), Discrete(5))
+    >>> obs, reward, terminated, truncated, info = env.step(0)  # query the most frequent facet
+    >>> obs, reward, terminated, truncated, info = env.step(4)  # finish
+    >>> terminated, info["format_errors"]
+    (True, [])
 
     Args:
         n_facets: facets offered as actions (the most frequent categories of the catalogue).
