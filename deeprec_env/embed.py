@@ -82,11 +82,14 @@ class TextEncoder:
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and 0 < limit < self.max_length:
+            self.max_length = limit  # longer texts are truncated to what the model accepts
         self._pooled = _Pooled(self.model)
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
-        self.id = hashlib.sha256(f"{_weights_digest(self.model)}|{max_length}|{dtype}".encode()).hexdigest()[:12]
+        self.id = hashlib.sha256(f"{_weights_digest(self.model)}|{self.max_length}|{dtype}".encode()).hexdigest()[:12]
         """Short id of (weights, truncation, dtype), used in cache keys (the same for both backends). It hashes
         what the model computes with, not where it is installed, so another virtualenv reuses the caches."""
         self.backend = backend
@@ -113,7 +116,8 @@ class TextEncoder:
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         """Embed ``texts`` in batches; returns a float32 ``(len(texts), dim)`` array of unit rows.
 
-        Recently seen texts (short queries such as preferences) come from an LRU cache; the rest are
+        Characters UTF-8 cannot encode (lone surrogates, as byte-level decoding of a small LLM can produce)
+        become "?". Recently seen texts (short queries such as preferences) come from an LRU cache; the rest are
         sorted by length before batching (less padding) and returned in input order. A text the tokenizer
         turns into no token at all ("" with a tokenizer that adds no special tokens) gets the zero vector.
         """
@@ -123,6 +127,7 @@ class TextEncoder:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"texts must be str, got {type(t).__name__}")
+        texts = [_encodable(t) for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         todo = []
         for i, t in enumerate(texts):
@@ -158,6 +163,15 @@ class TextEncoder:
     def encode_one(self, text: str) -> np.ndarray:
         """Embed one text (through the LRU cache); returns a read-only ``(dim,)`` vector."""
         return self.encode([text])[0]
+
+
+def _encodable(text: str) -> str:
+    """``text`` with characters UTF-8 cannot encode (lone surrogates) replaced by "?"."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _weights_digest(model: torch.nn.Module) -> str:

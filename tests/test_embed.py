@@ -100,3 +100,11 @@ def test_encoder_id_follows_the_weights_not_the_folder(tiny_encoder_path, tmp_pa
     from deeprec_env.embed import _weights_digest
 
     assert _weights_digest(b.model) != _weights_digest(a.model)
+
+
+def test_long_texts_and_lone_surrogates(tiny_encoder):
+    assert tiny_encoder.max_length == 64  # the tiny model's position limit, below the default 128
+    long = tiny_encoder.encode(["comedy " * 500])
+    assert abs(float(np.linalg.norm(long[0])) - 1) < 1e-5
+    odd = tiny_encoder.encode(["drama \udbc2"])
+    assert np.allclose(odd, tiny_encoder.encode(["drama ?"]))

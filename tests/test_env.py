@@ -382,3 +382,14 @@ def test_onnx_encoder_backend(env_kwargs, resources):
     assert np.array_equal(a_ids, b_ids)
     with pytest.raises(ValueError, match="encoder_backend='tensorrt'"):
         gym.make("DeepRec-v0", **env_kwargs, encoder_backend="tensorrt")
+
+
+def test_unencodable_preference_keeps_the_episode_alive(make_env):
+    env = make_env()
+    env.reset(seed=0)
+    obs, r, term, _, info = env.step("Odd bytes. " + CALL.format("drama \udbc2"))
+    assert info["is_action_valid"] and not term and obs.startswith("<|begin_of_item_list|>")
+    obs, r, term, _, info = env.step(CALL.format("comedy " * 300))  # longer than the encoder's positions
+    assert info["is_action_valid"] and not term
+    _, _, term, _, info = env.step(answer_segment(other_titles(env, env.episode.target, 10)))
+    assert term and info["format_errors"] == []
