@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from agents.base import EpisodeRecord, Policy, run_episodes
-from deeprec_env.env import DeepRecEnv, EnvConfig, episode_split, get_resources
+from deeprec_env.env import DeepRecEnv, EnvConfig, Resources, episode_split, get_resources
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
@@ -69,13 +69,23 @@ def episode_options(n_examples: int, users: int | None, seed: int) -> list[dict]
 
 
 def evaluate_agent(
-    policy: Policy, env_kwargs: dict, options: list[dict], *, batch_size: int = 8, progress: bool = True
+    policy: Policy,
+    env_kwargs: dict,
+    options: list[dict],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    resources: Resources | None = None,
 ) -> list[EpisodeRecord]:
-    """Run ``policy`` on every episode of ``options`` (``batch_size`` at a time, in lock step)."""
+    """Run ``policy`` on every episode of ``options`` (``batch_size`` at a time, in lock step).
+
+    ``resources`` hands the environments resources already built (default: :func:`get_resources`).
+    """
     from tqdm.auto import tqdm
 
     kwargs = {**env_kwargs, "allow_empty_preference": True}
-    envs = [DeepRecEnv(**kwargs) for _ in range(batch_size)]
+    resources = resources or get_resources(EnvConfig(**kwargs), progress=progress)
+    envs = [DeepRecEnv(resources=resources, **kwargs) for _ in range(batch_size)]
     records: list[EpisodeRecord] = []
     with tqdm(total=len(options), desc=policy.name, disable=not progress, unit="ep") as bar:
         for s in range(0, len(options), batch_size):
@@ -138,7 +148,8 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
         users = args.llm_users if name == "llm" else args.users
         options = episode_options(n_examples, users, args.seed)
         t = time.perf_counter()
-        records = evaluate_agent(policy, env_kwargs, options, batch_size=args.batch_size, progress=progress)
+        records = evaluate_agent(policy, env_kwargs, options, batch_size=args.batch_size, progress=progress,
+                                 resources=res)  # fmt: skip
         with open(out / f"{name}.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(asdict(r), default=int) + "\n")

@@ -292,7 +292,7 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, ac
         accelerator.wait_for_everyone()
 
 
-def validate(policy, env_kwargs: dict, n_users: int) -> dict:
+def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
     """Greedy Recall/NDCG on a fixed subset of the validation episodes (``rollout.VALIDATION_EPISODES``).
 
     The subset is the first ``n_users`` of a seeded order.
@@ -303,12 +303,13 @@ def validate(policy, env_kwargs: dict, n_users: int) -> dict:
 
     kwargs = {**env_kwargs, **VALIDATION_EPISODES}
     config = EnvConfig(**kwargs)
-    n = len(episode_split(config, get_resources(config).dataset))
+    resources = resources or get_resources(config)
+    n = len(episode_split(config, resources.dataset))
     saved = policy.temperature
     policy.temperature = 0.0
     try:
         recs = evaluate_agent(policy, kwargs, episode_options(n, n_users, 0), batch_size=min(8, n_users),
-                              progress=False)  # fmt: skip
+                              progress=False, resources=resources)  # fmt: skip
     finally:
         policy.temperature = saved
     s = summarize(recs)
@@ -334,7 +335,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     from tqdm.auto import tqdm
 
     from agents.llm import LLMPolicy, load_causal_lm
-    from deeprec_env.env import DeepRecEnv
+    from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
 
     if args.rollout_engine == "vllm":
         from agents.vllm_engine import require_vllm
@@ -383,7 +384,8 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         )
         log_path.write_text("".join(ln + "\n" for ln in lines))
     env_kwargs = args.env_kwargs(args.stage, env_kwargs)
-    envs = [DeepRecEnv(**env_kwargs) for _ in range(args.rollout_batch)]
+    resources = get_resources(EnvConfig(**env_kwargs))  # built once: rollouts, difficulty filter, validation
+    envs = [DeepRecEnv(resources=resources, **env_kwargs) for _ in range(args.rollout_batch)]
     users = training_users(envs[0], args)
     if len(users) < world:
         raise ValueError(
@@ -437,7 +439,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, accelerator)
         if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             policy.model.eval()
-            entry.update(validate(policy, env_kwargs, args.val_users))
+            entry.update(validate(policy, env_kwargs, args.val_users, resources))
         entry["seconds"] = time.perf_counter() - t0
         if main:
             with open(log_path, "a") as f:

@@ -126,10 +126,11 @@ def demonstrations(teacher: Policy, tokenizer, env_kwargs: dict, users: list[int
 
     Episodes that fail the format check are dropped (a teacher should not teach a malformed answer).
     """
-    from deeprec_env.env import DeepRecEnv
+    from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
 
     recorder = TranscriptRecorder(teacher, tokenizer)
-    envs = [DeepRecEnv(**env_kwargs) for _ in range(min(batch, len(users)))]
+    resources = get_resources(EnvConfig(**env_kwargs))
+    envs = [DeepRecEnv(resources=resources, **env_kwargs) for _ in range(min(batch, len(users)))]
     trajs, recs = [], []
     for s in range(0, len(users), len(envs)):
         chunk = users[s : s + len(envs)]

@@ -7,14 +7,14 @@ docstring of :class:`DeepRecEnv`: ``help(gym.make("DeepRec-v0").unwrapped)``.
 from __future__ import annotations
 
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from deeprec_env.data import PreprocessConfig, RecDataset, Split, load_dataset, synthetic
+from deeprec_env.data import PreprocessConfig, RecDataset, Split
 from deeprec_env.index import IndexConfig
 from deeprec_env.metrics import MISS, rank_metrics
 from deeprec_env.protocol import (
@@ -30,6 +30,7 @@ from deeprec_env.protocol import (
     parse,
     strip_title_line,
 )
+from deeprec_env.resources import ResourceConfig, Resources, get_resources
 from deeprec_env.rewards import (
     COMPONENTS,
     diversity_reward,
@@ -144,58 +145,10 @@ class EnvConfig:
         """Weight of every reward component."""
         return stage_weights(self.stage, self.reward_weights)
 
-
-class Resources:
-    """What every environment on one dataset shares: the dataset, the retriever and embeddings.
-
-    Attributes: ``dataset``, ``retriever``, ``encoder``, ``text_emb`` (unit item text embeddings),
-    and ``item_vecs`` (unit TRM item embeddings, for the ``point`` reward).
-    """
-
-    def __init__(self, dataset: RecDataset, retriever, text_emb: np.ndarray) -> None:
-        import torch
-
-        self.dataset = dataset
-        self.retriever = retriever
-        self.encoder = retriever.encoder
-        norms = np.linalg.norm(text_emb, axis=1, keepdims=True)
-        self.text_emb = np.where(norms > 0, text_emb / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
-        with torch.inference_mode():
-            v = torch.nn.functional.normalize(retriever.trm.item_vectors().float(), dim=-1)
-        self.item_vecs = v.cpu().numpy()
-
-
-_RESOURCES: dict[tuple, Resources] = {}
-
-
-def get_resources(config: EnvConfig, *, progress: bool = True) -> Resources:
-    """The shared :class:`Resources` for ``config``, built once per process (the TRM is cached on disk)."""
-    key = (
-        config.dataset,
-        config.dataset_path,
-        config.metadata_path,
-        config.preprocess,
-        config.trm,
-        config.trm_checkpoint,
-        config.encoder,
-        config.encoder_backend,
-        config.index,
-    )
-    if key not in _RESOURCES:
-        from deeprec_env.embed import TextEncoder, item_text_embeddings
-        from deeprec_env.retrieval import Retriever
-
-        if config.dataset == "synthetic":
-            ds = synthetic(config=config.preprocess if config.preprocess != PreprocessConfig() else None)
-        else:
-            ds = load_dataset(config.dataset, config.dataset_path, config=config.preprocess,
-                              metadata=config.metadata_path)  # fmt: skip
-        encoder = TextEncoder(config.encoder, device=config.trm.device, backend=config.encoder_backend)
-        retriever = Retriever.for_dataset(
-            ds, config.trm, encoder, config.index, checkpoint=config.trm_checkpoint, progress=progress
-        )
-        _RESOURCES[key] = Resources(ds, retriever, item_text_embeddings(ds.catalog, encoder))
-    return _RESOURCES[key]
+    @property
+    def resources(self) -> ResourceConfig:
+        """The settings that decide the shared resources (dataset, encoder, TRM, index)."""
+        return ResourceConfig(**{f.name: getattr(self, f.name) for f in fields(ResourceConfig)})
 
 
 def episode_split(config: EnvConfig, dataset: RecDataset) -> Split:
@@ -320,7 +273,8 @@ class DeepRecEnv(gym.Env[str, str]):
     On the synthetic dataset with a tiny TRM (the defaults use ml-100k and train the TRM once, ~3 minutes):
 
     >>> import gymnasium as gym, deeprec_env
-    >>> from deeprec_env.trm import TRMConfig
+    >>> from deeprec_env.resources import ResourceConfig, Resources, get_resources
+    from deeprec_env.trm import TRMConfig
     >>> tiny = TRMConfig(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=1)
     >>> env = gym.make("DeepRec-v0", dataset="synthetic", trm=tiny)
     >>> obs, info = env.reset(seed=0)

@@ -393,3 +393,14 @@ def test_unencodable_preference_keeps_the_episode_alive(make_env):
     assert info["is_action_valid"] and not term
     _, _, term, _, info = env.step(answer_segment(other_titles(env, env.episode.target, 10)))
     assert term and info["format_errors"] == []
+
+
+def test_resources_are_keyed_by_one_frozen_config(env_kwargs, resources):
+    from deeprec_env.env import EnvConfig
+    from deeprec_env.resources import ResourceConfig, get_resources
+
+    config = EnvConfig(**env_kwargs)
+    assert isinstance(config.resources, ResourceConfig)
+    assert get_resources(config.resources) is get_resources(EnvConfig(**env_kwargs, stage="coldstart", split="valid"))
+    with pytest.raises(TypeError, match="ResourceConfig or an EnvConfig"):
+        get_resources({"dataset": "synthetic"})
