@@ -273,8 +273,7 @@ class DeepRecEnv(gym.Env[str, str]):
     On the synthetic dataset with a tiny TRM (the defaults use ml-100k and train the TRM once, ~3 minutes):
 
     >>> import gymnasium as gym, deeprec_env
-    >>> from deeprec_env.resources import ResourceConfig, Resources, get_resources
-    from deeprec_env.trm import TRMConfig
+    >>> from deeprec_env.trm import TRMConfig
     >>> tiny = TRMConfig(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=1)
     >>> env = gym.make("DeepRec-v0", dataset="synthetic", trm=tiny)
     >>> obs, info = env.reset(seed=0)
