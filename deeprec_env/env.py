@@ -14,8 +14,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from deeprec_env.data import PreprocessConfig, RecDataset, Split
-from deeprec_env.index import IndexConfig
+from deeprec_env.data import RecDataset, Split
 from deeprec_env.metrics import MISS, rank_metrics
 from deeprec_env.protocol import (
     Action,
@@ -43,21 +42,17 @@ from deeprec_env.rewards import (
     retrieval_hit_reward,
     stage_weights,
 )
-from deeprec_env.trm import TRMConfig
 
 
 @dataclass(frozen=True)
-class EnvConfig:
-    """Every option of :class:`DeepRecEnv`; defaults are the reference's on the embedded ml-100k."""
+class EnvConfig(ResourceConfig):
+    """Every option of :class:`DeepRecEnv`; defaults are the reference's on the embedded ml-100k.
 
-    dataset: str = "ml-100k"
-    """Dataset name for :func:`~deeprec_env.data.load_dataset` (ml-100k, ml-1m, amazon, atomic, synthetic)."""
-    dataset_path: str | None = None
-    """File or folder of the dataset (all but ml-100k and synthetic)."""
-    metadata_path: str | None = None
-    """Item metadata file (amazon) or .item file (atomic)."""
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    """Filtering, split and history-window settings."""
+    The fields of :class:`~deeprec_env.resources.ResourceConfig` (dataset, dataset_path, metadata_path,
+    preprocess, trm, trm_checkpoint, encoder, encoder_backend, index) decide the shared resources; the
+    rest decide the episodes.
+    """
+
     split: Literal["train", "valid", "test"] = "test"
     """Which leave-one-out split the episodes come from."""
     user_group: Literal["all", "rl", "eval"] = "all"
@@ -107,16 +102,6 @@ class EnvConfig:
     """Minimum difflib ratio for fuzzy title grounding (> 1 disables fuzzy matching)."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Tags and format rules."""
-    trm: TRMConfig = field(default_factory=TRMConfig)
-    """TRM settings (a cached TRM is trained on first use, about 2.5 min on ml-100k on a 2-core CPU)."""
-    trm_checkpoint: str | None = None
-    """Load this TRM checkpoint instead of the cached one."""
-    encoder: str = "minilm"
-    """Text encoder for items and preferences: ``minilm`` (embedded), a local path or a hub id."""
-    encoder_backend: str = "torch"
-    """How the encoder runs: ``torch`` or ``onnx`` (onnxruntime, CPU: faster per call; the ``fast`` extra)."""
-    index: IndexConfig = field(default_factory=IndexConfig)
-    """faiss index settings."""
     max_obs_chars: int = 1_000_000
     """Observation-space length bound."""
 

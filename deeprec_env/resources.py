@@ -34,7 +34,7 @@ class ResourceConfig:
     encoder: str = "minilm"
     """Text encoder for items and preferences: ``minilm`` (embedded), a local path or a hub id."""
     encoder_backend: str = "torch"
-    """How the encoder runs: ``torch`` or ``onnx`` (onnxruntime, CPU)."""
+    """How the encoder runs: ``torch`` or ``onnx`` (onnxruntime, CPU: faster per call; the ``fast`` extra)."""
     index: IndexConfig = field(default_factory=IndexConfig)
     """faiss index settings."""
 
