@@ -6,16 +6,15 @@ well-formed 10-line answer, so their scores measure the ranking, not the formatt
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import numpy as np
 
 from agents.base import Policy
+from deeprec_env.preferences import title_year
 from deeprec_env.protocol import answer_text, call_text, history_block, read_items
 
 REASONING = "Based on the retrieved items and the history, here is my ranking."
-_YEAR = re.compile(r"\((\d{4})\)\s*$")
 
 
 def _answer(env, titles: list[str]) -> str:
@@ -35,6 +34,11 @@ def unseen_first(titles: list[str], seen: set[str], k: int) -> list[str]:
 def seen_titles(prompt: str) -> set[str]:
     """Titles of the history shown in the prompt: what an agent knows the user has already consumed."""
     return {t for t, _ in read_items(history_block(prompt))}
+
+
+def top_categories(history: list[tuple[str, tuple[str, ...]]], n: int = 1) -> list[str]:
+    """The ``n`` most frequent categories of a history read from a prompt (``read_items``)."""
+    return [c for c, _ in Counter(c for _, cats in history for c in cats).most_common(n)]
 
 
 class _TwoStep(Policy):
@@ -123,8 +127,8 @@ class TopCategoryPolicy(_TwoStep):
 
     def preference(self, state) -> str:
         """The most frequent category of the prompt's history."""
-        counts = Counter(c for _, cats in read_items(history_block(state["prompt"])) for c in cats)
-        return counts.most_common(1)[0][0] if counts else "movies the user would enjoy next"
+        top = top_categories(read_items(history_block(state["prompt"])))
+        return top[0] if top else "movies the user would enjoy next"
 
 
 class OraclePolicy(_TwoStep):
@@ -164,8 +168,7 @@ class HistoryFacetPolicy(Policy):
     def start(self, env, obs, info):
         """Read the history's categories from the prompt and pick the facets to query."""
         n = self._choices[0] if len(self._choices) == 1 else int(self._rng.choice(self._choices))
-        counts = Counter(c for _, cats in read_items(history_block(obs)) for c in cats)
-        facets = [c for c, _ in counts.most_common(n)] or ["movies the user would enjoy next"]
+        facets = top_categories(read_items(history_block(obs)), n) or ["movies the user would enjoy next"]
         return {"env": env, "facets": facets, "pool": []}
 
     def act(self, state, obs: str) -> str:
@@ -201,13 +204,10 @@ class HistoryDescriberPolicy(Policy):
     def start(self, env, obs, info):
         """Write the preferences from the history in the prompt."""
         hist = read_items(history_block(obs))
-        cats = Counter(c for _, cats in hist for c in cats)
-        prefs = [""]
-        if cats:
-            prefs.append(cats.most_common(1)[0][0])
+        prefs = ["", *top_categories(hist)]
         if hist:
             prefs.append(f"like {hist[-1][0]}")
-        decades = Counter(int(m.group(1)) // 10 * 10 for t, _ in hist if (m := _YEAR.search(t)))
+        decades = Counter(y // 10 * 10 for t, _ in hist if (y := title_year(t)))
         if decades:
             prefs.append(f"from the {decades.most_common(1)[0][0]}s")
         return {"env": env, "prefs": prefs, "lists": [], "seen": {t for t, _ in hist}}

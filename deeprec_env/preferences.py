@@ -49,14 +49,19 @@ _STOP = frozenset("the a an of and in on to for with from at by la le les el il 
 _YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
 
 
+def title_year(title: str) -> int:
+    """The release year in a trailing "(YYYY)" of a title; 0 when there is none.
+
+    >>> title_year("Heat (1995)"), title_year("Heat")
+    (1995, 0)
+    """
+    m = _YEAR.search(title)
+    return int(m.group(1)) if m else 0
+
+
 def item_years(catalog: Catalog) -> np.ndarray:
-    """Release year of each item number parsed from a trailing "(YYYY)" in its title; 0 when absent."""
-    out = np.zeros(catalog.num_embeddings, dtype=np.int64)
-    for i, title in enumerate(catalog.titles):
-        m = _YEAR.search(title)
-        if m and i:
-            out[i] = int(m.group(1))
-    return out
+    """Release year of each item number parsed from its title (:func:`title_year`); 0 when absent."""
+    return np.array([title_year(t) if i else 0 for i, t in enumerate(catalog.titles)], dtype=np.int64)
 
 
 def title_words(title: str) -> list[str]:
