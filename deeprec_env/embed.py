@@ -254,6 +254,28 @@ def _onnx_session(pooled: _Pooled, tokenizer, key: str):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), names
 
 
+def preference_vectors(encoder: TextEncoder, preferences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors ``(n, dim)`` of free-text preferences and the mask of non-empty ones.
+
+    White space is collapsed, each distinct non-empty text is encoded once (one batch), and an empty
+    preference gets a zero row and ``False`` in the mask.
+    """
+    clean = []
+    for p in preferences:
+        if not isinstance(p, str):
+            raise TypeError(f"preferences must be str, got {type(p).__name__}")
+        clean.append(" ".join(p.split()))
+    distinct = sorted({p for p in clean if p})
+    vecs = np.zeros((len(clean), encoder.dim), dtype=np.float32)
+    if distinct:
+        table = encoder.encode(distinct)
+        row = {p: i for i, p in enumerate(distinct)}
+        for r, p in enumerate(clean):
+            if p:
+                vecs[r] = table[row[p]]
+    return vecs, np.array([bool(p) for p in clean], dtype=bool)
+
+
 def item_text_embeddings(catalog, encoder: TextEncoder, *, cache: bool = True) -> np.ndarray:
     """Embeddings of every item's metadata text, ``(num_embeddings, dim)``; row 0 (padding) is zero.
 

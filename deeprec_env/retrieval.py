@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from deeprec_env.embed import preference_vectors
 from deeprec_env.index import IndexConfig, ItemIndex
 from deeprec_env.trm import PreferenceTRM, TRMConfig
 
@@ -88,17 +89,10 @@ class Retriever:
         seqs = torch.as_tensor(self._pad(histories), device=self.device)
         pref = has = None
         if preferences is not None and self.encoder is not None:
-            clean = [" ".join(p.split()) if isinstance(p, str) else _type_error(p) for p in preferences]
-            distinct = sorted({p for p in clean if p})
-            if distinct:
-                table = self.encoder.encode(distinct)
-                row = {p: i for i, p in enumerate(distinct)}
-                vecs = np.zeros((len(clean), table.shape[1]), dtype=np.float32)
-                for r, p in enumerate(clean):
-                    if p:
-                        vecs[r] = table[row[p]]
+            vecs, given = preference_vectors(self.encoder, preferences)
+            if given.any():
                 pref = torch.as_tensor(vecs, device=self.device)
-                has = torch.as_tensor([bool(p) for p in clean], device=self.device)
+                has = torch.as_tensor(given, device=self.device)
         with torch.inference_mode():
             return self.trm.user_vectors(seqs, pref, has).float().cpu().numpy()
 
@@ -140,7 +134,3 @@ class Retriever:
                 rows.append(np.unique(np.asarray(ex, dtype=np.int64)))
             return self.index.search(q, k, rows)
         return self.index.search(q, k)
-
-
-def _type_error(p) -> str:
-    raise TypeError(f"preferences must be str, got {type(p).__name__}")

@@ -360,15 +360,9 @@ def rank_examples(
             raise ValueError("preferences need an encoder")
         if len(preferences) != len(targets):
             raise ValueError(f"{len(preferences)} preferences for {len(targets)} examples")
-        clean = [" ".join(p.split()) for p in preferences]
-        distinct = sorted({p for p in clean if p})
-        table = encoder.encode(distinct) if distinct else np.zeros((0, model.text_dim), np.float32)
-        row = {p: i for i, p in enumerate(distinct)}
-        pref = np.zeros((len(clean), model.text_dim), dtype=np.float32)
-        for r, p in enumerate(clean):
-            if p:
-                pref[r] = table[row[p]]
-        has = np.array([bool(p) for p in clean])
+        from deeprec_env.embed import preference_vectors
+
+        pref, has = preference_vectors(encoder, preferences)
     ranks, tops = [], []
     for s in range(0, len(targets), batch_size):
         seqs = torch.as_tensor(histories[s : s + batch_size], device=device)
