@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deeprec_env.env import DeepRecEnv
+from deeprec_env.vector import step_together
 
 
 class Policy:
@@ -77,7 +78,13 @@ def run_episodes(
 def play_episodes(
     policy: Policy, envs: list[DeepRecEnv], options: list[dict], *, max_steps: int = 64
 ) -> tuple[list[EpisodeRecord], list[Any]]:
-    """:func:`run_episodes` that also returns each episode's policy state (e.g. its token trajectory)."""
+    """:func:`run_episodes` that also returns each episode's policy state (e.g. its token trajectory).
+
+    ``envs`` is a list of environments or a :class:`~deeprec_env.vector.DeepRecVectorEnv` (its
+    sub-environments are used); each step's calls share one retrieval batch
+    (:func:`~deeprec_env.vector.step_together`).
+    """
+    envs = list(getattr(envs, "envs", envs))
     if len(envs) != len(options):
         raise ValueError(f"{len(envs)} envs for {len(options)} option dicts")
     t0 = time.perf_counter()
@@ -96,8 +103,8 @@ def play_episodes(
             break
         actions = policy.act_batch([states[i] for i in active], [obs[i] for i in active])
         still = []
-        for i, action in zip(active, actions, strict=True):
-            o, r, term, trunc, info = envs[i].step(action)
+        results = step_together([envs[i] for i in active], actions)  # one retrieval batch for all calls
+        for i, (o, r, term, trunc, info) in zip(active, results, strict=True):
             totals[i] += r
             invalid[i] += not info["is_action_valid"]
             obs[i] = o

@@ -6,7 +6,11 @@ Importing the package registers ``DeepRec-v0`` (stage ``rec``), ``DeepRecColdSta
 
 from gymnasium.envs.registration import register, registry
 
-__version__ = "0.2.0"
+from deeprec_env.threads import register_fork_hook
+
+register_fork_hook()  # forked children (AsyncVectorEnv, SubprocVecEnv) run torch/faiss single-threaded
+
+__version__ = "0.3.0"
 
 ENV_IDS = ("DeepRec-v0", "DeepRecColdStart-v0", "DeepRecNumeric-v0")
 

@@ -6,6 +6,7 @@ docstring of :class:`DeepRecEnv`: ``help(gym.make("DeepRec-v0").unwrapped)``.
 
 from __future__ import annotations
 
+import pickle
 import string
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from deeprec_env.protocol import (
     parse,
     strip_title_line,
 )
-from deeprec_env.resources import ResourceConfig, Resources, get_resources
+from deeprec_env.resources import ResourceConfig, Resources, get_resources, lookup_resources
 from deeprec_env.rewards import (
     COMPONENTS,
     diversity_reward,
@@ -42,6 +43,8 @@ from deeprec_env.rewards import (
     retrieval_hit_reward,
     stage_weights,
 )
+from deeprec_env.spaces import SharedText
+from deeprec_env.threads import limit_threads
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,15 @@ class EnvConfig(ResourceConfig):
     """Minimum difflib ratio for fuzzy title grounding (> 1 disables fuzzy matching)."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Tags and format rules."""
-    max_obs_chars: int = 1_000_000
-    """Observation-space length bound."""
+    max_obs_chars: int | None = None
+    """Length bound of the observation space; None (default): the longest observation these settings can
+    produce (the prompt with ``prompt_history`` of the catalogue's longest item lines, an item list of
+    ``retrieval_k`` of them, a feedback message). Gymnasium's shared memory (``AsyncVectorEnv``) allocates
+    this many characters per sub-environment. A value below that bound is an error."""
+    threads: int | None = 1
+    """torch threads for the environment's own compute (encoding a preference, the TRM forward), set
+    around each retrieval and restored after it; None leaves the process's setting. One thread is fastest
+    on a busy machine (``docs/design.md``, "Threads and processes"); faiss uses ``index.threads``."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_history", "retrieval_k", "max_calls", "answer_k", "max_invalid"):
@@ -111,6 +121,10 @@ class EnvConfig(ResourceConfig):
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         if self.users is not None and self.users < 1:
             raise ValueError(f"users={self.users}; must be >= 1 or None")
+        for name in ("threads", "max_obs_chars"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}; must be an int >= 1 or None")
         for name, allowed in (
             ("split", ("train", "valid", "test")),
             ("user_group", ("all", "rl", "eval")),
@@ -144,6 +158,40 @@ def episode_split(config: EnvConfig, dataset: RecDataset) -> Split:
     return split.for_users(dataset.user_group(config.user_group, config.rl_share, config.group_seed))
 
 
+class RenderModeError(ValueError, TypeError):
+    """An unsupported ``render_mode``.
+
+    A TypeError too: stable-baselines3's ``make_vec_env`` asks every environment for
+    ``render_mode="rgb_array"`` and retries without it on a TypeError.
+    """
+
+
+def check_render_mode(render_mode: str | None, modes: list[str]) -> None:
+    """Raise :class:`RenderModeError` unless ``render_mode`` is None or one of ``modes``."""
+    if render_mode is not None and render_mode not in modes:
+        raise RenderModeError(
+            f"render_mode={render_mode!r}; DeepRec renders its transcript as text only: pass None or "
+            f"{' or '.join(repr(m) for m in modes)}"
+        )
+
+
+def observation_bound(catalog, config: EnvConfig) -> int:
+    """The longest observation ``config`` can produce on ``catalog``, in characters.
+
+    The prompt with ``prompt_history`` of the catalogue's longest item lines, an item list with
+    ``retrieval_k`` of them, or a feedback message (error texts are short and never quote the action).
+    """
+    p = config.protocol
+    numbers = len(str(max(config.prompt_history, config.retrieval_k))) + 2  # "NN. "
+    longest = max((len(item_lines(catalog, [i])) - 3 for i in range(1, catalog.n_items + 1)), default=0)
+    line = numbers + longest + 1  # + the newline between lines
+    prompt = max(len(base_prompt("", p, config.answer_k)), len(chat_user_message("", p, config.answer_k)))
+    prompt += config.prompt_history * line
+    items = len(item_list_text(catalog, [], p)) + config.retrieval_k * line
+    feedback = 1024 + 16 * max(len(t) for t in p.tags)
+    return max(prompt, items, feedback)
+
+
 @dataclass
 class RetrievalRequest:
     """A call waiting for its item list (lets a vector env batch the retrieval of many envs)."""
@@ -167,14 +215,17 @@ class DeepRecEnv(gym.Env[str, str]):
 
     ## Action Space
 
-    ``gymnasium.spaces.Text``: one generated segment (any ``str`` is accepted; characters outside the
-    charset are fine; a non-``str`` raises ``TypeError``). Segments longer than
-    ``protocol.max_segment_chars`` are invalid actions.
+    ``gymnasium.spaces.Text``: one generated segment. ``step`` accepts any ``str`` (a non-``str`` raises
+    ``TypeError``); ``action_space.contains`` is True only for segments over the observation charset of
+    at most ``protocol.max_segment_chars`` characters: other characters are parsed as they are (they cannot
+    form a tag), and longer segments are invalid actions.
 
     ## Observation Space
 
-    ``gymnasium.spaces.Text`` whose charset covers printable ASCII, the protocol and every character of
-    the catalogue. ``reset`` returns the prompt; a call returns the inserted item list
+    ``gymnasium.spaces.Text`` (``deeprec_env.spaces.SharedText``, which also crosses ``AsyncVectorEnv``'s
+    shared memory) whose charset covers printable ASCII, the protocol and every character of the
+    catalogue, and whose ``max_length`` is the longest observation the settings can produce. ``reset``
+    returns the prompt; a call returns the inserted item list
     (``<|begin_of_item_list|>\n1. Title\n  - categories: a, b\n...<|end_of_item_list|>\n\n``); with
     ``invalid_action="feedback"`` an invalid segment returns a corrective message; the last step returns "".
 
@@ -232,15 +283,21 @@ class DeepRecEnv(gym.Env[str, str]):
     | ``protocol`` | ``ProtocolConfig()`` | tags and format rules |
     | ``trm`` / ``trm_checkpoint`` | ``TRMConfig()`` / None | TRM settings (trained once and cached) or a checkpoint |
     | ``encoder`` / ``encoder_backend`` | ``"minilm"`` / ``"torch"`` | text encoder (hub id or path), how it runs |
-    | ``index`` | ``IndexConfig()`` | faiss index (exact, HNSW, IVF) |
+    | ``index`` | ``IndexConfig()`` | faiss index (exact, HNSW, IVF; ``threads``, default 1) |
+    | ``threads`` | 1 | torch threads of the env's own compute (None: the process's setting) |
+    | ``max_obs_chars`` | None | observation-space bound (None: the longest possible observation) |
 
-    ``DeepRecColdStart-v0`` is the same environment with ``stage="coldstart"``.
+    ``DeepRecColdStart-v0`` is the same environment with ``stage="coldstart"``. Every vectorisation mode
+    works (``gym.make_vec``: ``vector_entry_point`` batches retrieval; ``sync``; ``async`` in ``fork`` or
+    ``spawn`` context), environments pickle cheaply, and forked workers never hang
+    (``docs/design.md``, "Vector environments, processes and threads").
 
     ## Info
 
     reset: ``user``, ``user_id``, ``history`` (list of the ids shown), ``split``, ``stage``, ``messages``
-    (chat prompt). step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components``,
-    ``n_calls``; after a call also ``retrieved`` (list of ids), ``preference`` and ``env_text`` (the
+    (chat prompt). step: ``is_action_valid``, ``action_kind``, ``errors``, ``reward_components`` (this
+    step's), ``episode_reward_components`` (their sums over the episode so far: at the end, the weighted
+    sum is the return), ``n_calls``; after a call also ``retrieved`` (list of ids), ``preference`` and ``env_text`` (the
     inserted text). At the end also ``target``, ``answer_ids``, ``rank``, ``metrics`` (recall@1/5/10,
     ndcg@5/10; a failed or malformed episode is a miss), ``hallucinated``, ``seen``, ``duplicates`` and
     ``format_errors``. ``rank`` is the target's answer line (0-based; every line keeps its place, whether it
@@ -248,6 +305,9 @@ class DeepRecEnv(gym.Env[str, str]):
 
     ## Version History
 
+    - v0 (deeprec-env 0.3): ``info["episode_reward_components"]``; the observation bound is computed
+      (was 1,000,000 characters) so ``AsyncVectorEnv`` works; torch runs single-threaded inside the env
+      (``threads``); environments pickle. Episodes and rewards are unchanged.
     - v0 (deeprec-env 0.2): the TRM treats a preference as evidence (``docs/trm.md``), so the same actions
       retrieve different items than in 0.1; ``info["rank"]`` and the metrics count every answer line; a spent
       call budget and too many rejected segments end the episode as terminations (they were truncations).
@@ -285,8 +345,7 @@ class DeepRecEnv(gym.Env[str, str]):
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
     def __init__(self, render_mode: str | None = None, resources: Resources | None = None, **kwargs: Any) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode={render_mode!r}; must be None or 'ansi'")
+        check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
         self.config = EnvConfig(**kwargs)
         self.res = resources if resources is not None else get_resources(self.config)
@@ -300,12 +359,43 @@ class DeepRecEnv(gym.Env[str, str]):
         p = self.config.protocol
         chars = set(string.printable) | set(self.catalog.charset) | set("".join(p.tags)) | set("—•’“”")
         charset = "".join(sorted(chars))
-        self.observation_space = spaces.Text(max_length=self.config.max_obs_chars, min_length=0, charset=charset)
+        bound = observation_bound(self.catalog, self.config)
+        if self.config.max_obs_chars is not None and self.config.max_obs_chars < bound:
+            raise ValueError(
+                f"max_obs_chars={self.config.max_obs_chars} is below the longest observation these settings can "
+                f"produce ({bound} characters); pass max_obs_chars=None (the default) or >= {bound}"
+            )
+        max_obs = bound if self.config.max_obs_chars is None else self.config.max_obs_chars
+        self.observation_space = SharedText(max_length=max_obs, min_length=0, charset=charset)
         self.action_space = spaces.Text(max_length=p.max_segment_chars, min_length=0, charset=charset)
         self.episode: Episode | None = None
         self._patterns = format_patterns(p)
         self._done = True
         self._example = -1
+        self._totals = dict.fromkeys(COMPONENTS, 0.0)
+
+    # ------------------------------------------------------------------------------------------
+    # pickling: the shared resources are re-resolved from their config, never serialised
+
+    def __getstate__(self) -> dict:
+        config = getattr(self.res, "config", None)
+        if config is None or lookup_resources(config) is not self.res:
+            raise pickle.PicklingError(
+                "this environment was built on resources passed in by hand; only environments on "
+                "get_resources(config) resources pickle (they are rebuilt from the config on unpickling)"
+            )
+        state = self.__dict__.copy()
+        for name in ("res", "catalog", "split"):
+            del state[name]
+        state["_resource_config"] = config
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        config = state.pop("_resource_config")
+        self.__dict__.update(state)
+        self.res = get_resources(config)
+        self.catalog = self.res.dataset.catalog
+        self.split = episode_split(self.config, self.res.dataset)
 
     # ------------------------------------------------------------------------------------------
     # reset
@@ -341,6 +431,7 @@ class DeepRecEnv(gym.Env[str, str]):
         self._trm_history = self.split.history(j, self.res.retriever.max_len)
         self._rejected = 0
         self._done = False
+        self._totals = dict.fromkeys(COMPONENTS, 0.0)
         info = {
             "user": user,
             "user_id": str(self.res.dataset.user_ids[user]),
@@ -360,8 +451,10 @@ class DeepRecEnv(gym.Env[str, str]):
         pending = self.begin_step(action)
         if isinstance(pending, RetrievalRequest):
             excl = None if pending.exclude is None else [pending.exclude]
-            ids, _ = self.res.retriever.retrieve([pending.history], [pending.preference], self.config.retrieval_k,
-                                                 exclude=excl)  # fmt: skip
+            with limit_threads(self.config.threads):
+                ids, _ = self.res.retriever.retrieve(
+                    [pending.history], [pending.preference], self.config.retrieval_k, exclude=excl
+                )
             return self.end_step(ids[0])
         return pending
 
@@ -426,11 +519,15 @@ class DeepRecEnv(gym.Env[str, str]):
         return float(sum(self.weights[c] * v for c, v in comps.items()))
 
     def _step_info(self, act: Action, comps: dict[str, float]) -> dict:
+        """The step's info; called once per step, it also adds ``comps`` to the episode's totals."""
+        for c, v in comps.items():
+            self._totals[c] += v
         return {
             "is_action_valid": act.kind != "invalid",
             "action_kind": act.kind,
             "errors": list(act.errors),
             "reward_components": comps,
+            "episode_reward_components": dict(self._totals),
             "n_calls": self.episode.n_calls,
         }
 
@@ -459,7 +556,8 @@ class DeepRecEnv(gym.Env[str, str]):
         comps["format"] = format_reward(ep)
         comps["invocation"] = invocation_reward(ep)
         if ep.n_calls >= 2:  # the encoder's cache already holds the preferences' vectors
-            comps["diversity"] = diversity_reward(ep, self.res.encoder.encode(ep.preferences))
+            with limit_threads(cfg.threads):
+                comps["diversity"] = diversity_reward(ep, self.res.encoder.encode(ep.preferences))
         comps["hit"] = hit_reward(ep)
         comps["rank"] = rank_reward(ep, k=cfg.answer_k)
         comps["point"] = point_reward(ep, self.res.text_emb, self.res.item_vecs)

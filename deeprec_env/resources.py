@@ -49,6 +49,7 @@ class Resources:
     def __init__(self, dataset: RecDataset, retriever, text_emb: np.ndarray) -> None:
         import torch
 
+        self.config: ResourceConfig | None = None  # set by get_resources: what rebuilds these in a new process
         self.dataset = dataset
         self.retriever = retriever
         self.encoder = retriever.encoder
@@ -83,5 +84,12 @@ def get_resources(config, *, progress: bool = True) -> Resources:
         retriever = Retriever.for_dataset(
             ds, key.trm, encoder, key.index, checkpoint=key.trm_checkpoint, progress=progress
         )
-        _RESOURCES[key] = Resources(ds, retriever, item_text_embeddings(ds.catalog, encoder))
+        res = Resources(ds, retriever, item_text_embeddings(ds.catalog, encoder))
+        res.config = key
+        _RESOURCES[key] = res
     return _RESOURCES[key]
+
+
+def lookup_resources(config: ResourceConfig) -> Resources | None:
+    """The resources :func:`get_resources` built for ``config`` in this process, or None."""
+    return _RESOURCES.get(config)

@@ -13,6 +13,7 @@ from gymnasium import spaces
 
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.protocol import answer_text, call_text
+from deeprec_env.threads import limit_threads
 
 
 class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
@@ -28,7 +29,8 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
 
     ``Discrete(n_facets + 1)``: action ``a < n_facets`` calls the TRM with one catalogue facet (a
     category, most frequent first) as the preference; action ``n_facets`` finishes: the items retrieved so
-    far, ranked by the TRM's no-preference score, become the 10-line answer. Any other value raises
+    far, ranked by the TRM's no-preference score, become the 10-line answer. An action is a Python or numpy
+    integer (or a 0-d integer array); anything else (``1.5``, ``True``, ``"1"``, out of range) raises
     ``ValueError``.
 
     ## Observation Space
@@ -117,14 +119,23 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
     def _answer(self) -> str:
         env = self.text_env
         ep = env.episode
-        pool = env.res.retriever.rank(env.trm_history, dict.fromkeys(int(i) for ids in ep.retrieved for i in ids))
+        with limit_threads(env.config.threads):
+            pool = env.res.retriever.rank(env.trm_history, dict.fromkeys(int(i) for ids in ep.retrieved for i in ids))
         titles = [env.catalog.titles[i] for i in pool[: self._k]]
         return answer_text(titles, env.config.protocol, "Ranking the retrieved items by the recommender's score.")
 
     def action_text(self, action) -> str:
         """The protocol segment for ``action``: a facet call, or the final answer."""
-        if not self.action_space.contains(np.int64(action)):
-            raise ValueError(f"action={action!r}; must be an int in 0..{self.n_facets}")
+        if isinstance(action, np.ndarray) and action.ndim == 0:
+            action = action[()]
+        if (
+            isinstance(action, bool | np.bool_)
+            or not isinstance(action, int | np.integer)
+            or not 0 <= int(action) <= self.n_facets
+        ):
+            raise ValueError(
+                f"action={action!r} ({type(action).__name__}); must be an int (Python or numpy) in 0..{self.n_facets}"
+            )
         a = int(action)
         if a == self.n_facets:
             return self._answer()
