@@ -4,7 +4,11 @@
    answer); each step is timed without the retrieval call (``begin_step`` + ``end_step``, and the final
    step with format checks, grounding and rewards).
 2. Throughput: a scripted two-segment agent (one call, then answer the call's top 10) on the test users,
-   with one environment and with a vector environment of ``--num-envs`` (one retrieval batch per step).
+   with one environment and with a vector environment of ``--num-envs`` (one retrieval batch per step),
+   and the numeric view (two facet calls, then finish); each idle and with a second process burning one
+   core (a busy machine), under the package's thread defaults and, for contrast, with ``threads=None``.
+   The retriever's cache of history states is cleared before each measurement (a new user's first call
+   runs the sequence encoder; later calls of the episode reuse its state).
 
     python -m benchmarks.env_speed             # embedded ml-100k (trains/loads the cached TRM)
     python -m benchmarks.env_speed --smoke     # seconds
@@ -13,6 +17,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import time
 
 import gymnasium as gym
@@ -22,6 +28,7 @@ import deeprec_env  # noqa: F401
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 from deeprec_env.env import DeepRecEnv, RetrievalRequest
 from deeprec_env.protocol import answer_text, call_text
+from deeprec_env.threads import thread_settings
 
 REASONING = (
     "The user has watched many dramas and a few comedies recently; the last items suggest a shift towards "
@@ -94,6 +101,37 @@ def scripted_steps(env_or_vec, n_envs: int, episodes: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
+def numeric_steps(env, episodes: int) -> float:
+    """Numeric-view steps per second: two facet calls, then finish (three steps an episode)."""
+    env = env.unwrapped
+    steps, t = 0, time.perf_counter()
+    for e in range(episodes):
+        env.reset(seed=e)
+        env.step(e % env.n_facets)
+        env.step((e + 1) % env.n_facets)
+        env.step(env.n_facets)
+        steps += 3
+    return steps / (time.perf_counter() - t)
+
+
+def _burn() -> None:  # pragma: no cover - runs in the burner process
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_core():
+    """A second process burning one core for the duration of the block (a machine shared with other work)."""
+    proc = multiprocessing.get_context("spawn").Process(target=_burn, daemon=True)
+    proc.start()
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.join()
+
+
 def http_comparison(env: DeepRecEnv, kwargs: dict, episodes: int) -> dict:
     """The same scripted episodes with the in-process retriever and with the TRM behind HTTP."""
     import copy
@@ -107,8 +145,9 @@ def http_comparison(env: DeepRecEnv, kwargs: dict, episodes: int) -> dict:
         res.retriever = remote
         http_env = DeepRecEnv(resources=res, **kwargs)
         local_env = DeepRecEnv(resources=env.res, **kwargs)
+        env.res.retriever.clear_cache()
         local = scripted_steps(local_env, 1, episodes)
-        over_http = scripted_steps(http_env, 1, episodes)
+        over_http = scripted_steps(http_env, 1, episodes)  # the server's retriever starts cold too
         sp = env.split
         hist = [sp.history(i, env.res.retriever.max_len) for i in range(min(len(sp), 100))]
         lat = {}
@@ -148,14 +187,40 @@ def main(argv=None) -> None:
 
         kwargs.update(dataset="synthetic", trm=TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=1))
         args.episodes, args.repeats, args.num_envs = 16, 1, 4
+    threads_at_start = thread_settings()
     env = DeepRecEnv(**kwargs)
     work = own_work(env, args.tokens, args.repeats)
     print(work)
-    single = scripted_steps(gym.make("DeepRec-v0", **kwargs), 1, args.episodes)
+    text_env = gym.make("DeepRec-v0", **kwargs)
+    default_threads = gym.make("DeepRec-v0", threads=None, **kwargs)
+    numeric = gym.make("DeepRecNumeric-v0", **kwargs)
     vec = gym.make_vec("DeepRec-v0", num_envs=args.num_envs, vectorization_mode="vector_entry_point", **kwargs)
-    vectorised = scripted_steps(vec, args.num_envs, args.episodes)
+    for warm in (text_env, default_threads):  # first calls load weights and fill the encoder's cache
+        scripted_steps(warm, 1, 16)
+    numeric_steps(numeric, 16)
+    scripted_steps(vec, args.num_envs, 2 * args.num_envs)
+    speed = {}
+    for load in ("idle", "busy"):
+        with busy_core() if load == "busy" else contextlib.nullcontext():
+            runs = {
+                "text": lambda: scripted_steps(text_env, 1, args.episodes),
+                "text_threads_none": lambda: scripted_steps(default_threads, 1, args.episodes),
+                "numeric": lambda: numeric_steps(numeric, args.episodes),
+                "vector": lambda: scripted_steps(vec, args.num_envs, args.episodes),
+            }
+            speed[load] = {}
+            for name, run in runs.items():
+                env.res.retriever.clear_cache()  # every measurement starts on histories it has not encoded
+                speed[load][name] = run()
+        print(load, speed[load])
+    single, vectorised = speed["idle"]["text"], speed["idle"]["vector"]
     http = http_comparison(env, kwargs, args.episodes)
     print(http)
+    torch_default = threads_at_start["torch threads (process)"]
+
+    def pair(key: str) -> str:
+        return f"{speed['idle'][key]:.0f} / {speed['busy'][key]:.0f}"
+
     rows = [
         {
             "measure": f"own work per call step, {work['approx_tokens']}-token transcript (p50 / max ms)",
@@ -165,10 +230,15 @@ def main(argv=None) -> None:
             "measure": "own work of the final step: format checks, grounding, rewards, metrics (p50 / max ms)",
             "value": f"{work['final_step_p50_ms']:.3f} / {work['final_step_max_ms']:.3f}",
         },
-        {"measure": "env steps/s, one env (scripted call + answer, retrieval included)", "value": f"{single:.0f}"},
+        {"measure": "text env steps/s, one env (scripted call + answer), idle / busy", "value": pair("text")},
         {
-            "measure": f"env steps/s, vector env of {args.num_envs} (one retrieval batch per step)",
-            "value": f"{vectorised:.0f}",
+            "measure": f"the same with threads=None (the process's {torch_default} torch threads), idle / busy",
+            "value": pair("text_threads_none"),
+        },
+        {"measure": "numeric view steps/s (two facet calls + finish), idle / busy", "value": pair("numeric")},
+        {
+            "measure": f"text env steps/s, vector env of {args.num_envs} (one retrieval batch per step), idle / busy",
+            "value": pair("vector"),
         },
         {
             "measure": "same episodes, one env, TRM served over HTTP on loopback (reference architecture): steps/s",
@@ -184,7 +254,12 @@ def main(argv=None) -> None:
         "dataset": env.res.dataset.name + f" ({env.res.dataset.n_items} items), split test",
         "own work": "step time minus the retrieval call (parse, item-list text, rewards, format checks)",
         "transcript": f"{env.config.max_calls} calls with long reasoning + answer, ~4 characters per token",
-        "agent": "one call with a fixed preference, then the call's top 10 as the answer",
+        "agent": "text: one call with a fixed preference, then the call's top 10 as the answer; numeric: "
+        "two facet calls, then finish",
+        "load": "idle: nothing else of ours running (the machine is shared, so other users' work may run); "
+        "busy: a second process of ours spins on one core for the whole measurement",
+        "threads": f"package defaults: env threads=1 (torch, set around each retrieval), index.threads=1 "
+        f"(faiss); process at start: {threads_at_start}",
         "episodes": args.episodes,
         "text encoder": args.encoder,
         "HTTP": "the same retriever in a separate process (http.server, JSON over one keep-alive loopback "
@@ -202,6 +277,8 @@ def main(argv=None) -> None:
         "own_work": work,
         "steps_per_s_single": single,
         "steps_per_s_vector": vectorised,
+        "steps_per_s": speed,
+        "threads": threads_at_start,
         "num_envs": args.num_envs,
     }
     if not args.smoke or args.out:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,6 +49,34 @@ class Retriever:
         self.index = index
         self.device = next(trm.parameters()).device
         self.max_len = trm.config.max_len
+        self._states: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+
+    STATE_CACHE = 8192
+    """Histories whose TRM state (last hidden state and text summary) is kept: every call of an episode
+    reads the same history, so only its first call runs the sequence encoder."""
+
+    def clear_cache(self) -> None:
+        """Forget the cached history states (benchmarks measure episodes on unseen histories)."""
+        self._states.clear()
+
+    def _history_states(self, seqs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The TRM's last hidden state ``(B, d)`` and text summary ``(B, 2, d)`` of padded ``seqs``, cached."""
+        keys = [row.tobytes() for row in seqs]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._states))
+        if missing:
+            rows = np.stack([np.frombuffer(k, dtype=np.int64) for k in missing])
+            with torch.inference_mode():
+                h, summary = self.trm.encode(torch.as_tensor(rows, device=self.device))
+            for r, k in enumerate(missing):
+                self._states[k] = (h[r, -1], None if summary is None else summary[r, -1])
+        for k in keys:
+            self._states.move_to_end(k)
+        states = [self._states[k] for k in keys]
+        while len(self._states) > self.STATE_CACHE:
+            self._states.popitem(last=False)
+        h = torch.stack([st[0] for st in states])
+        summary = None if states[0][1] is None else torch.stack([st[1] for st in states])
+        return h, summary
 
     @classmethod
     def for_dataset(
@@ -86,7 +115,7 @@ class Retriever:
         """``(B, d)`` float32 query vectors; distinct non-empty preferences are encoded in one batch."""
         if preferences is not None and len(preferences) != len(histories):
             raise ValueError(f"{len(preferences)} preferences for {len(histories)} histories")
-        seqs = torch.as_tensor(self._pad(histories), device=self.device)
+        h, summary = self._history_states(self._pad(histories))
         pref = has = None
         if preferences is not None and self.encoder is not None:
             vecs, given = preference_vectors(self.encoder, preferences)
@@ -94,7 +123,7 @@ class Retriever:
                 pref = torch.as_tensor(vecs, device=self.device)
                 has = torch.as_tensor(given, device=self.device)
         with torch.inference_mode():
-            return self.trm.user_vectors(seqs, pref, has).float().cpu().numpy()
+            return self.trm.fuse(h, pref, has, summary=summary).float().cpu().numpy()
 
     def rank(self, history: np.ndarray, items: Sequence[int]) -> list[int]:
         """``items`` ordered by the TRM's score for ``history`` without a preference (stable on ties)."""

@@ -82,3 +82,27 @@ def test_rank_orders_by_no_preference_score(retriever, tiny_ds):
     items = list(reversed(top[0].tolist()))
     assert retriever.rank(h, items) == top[0].tolist()
     assert retriever.rank(h, []) == []
+
+
+def test_history_state_cache_gives_the_uncached_vectors(retriever, tiny_ds, monkeypatch):
+    import torch
+
+    sp = tiny_ds.split("test")
+    hist = [sp.history(i, 12) for i in range(6)]
+    prefs = ["drama", "", "comedy", "drama", "old movies", ""]
+    retriever.clear_cache()
+    cold = retriever.user_vectors(hist, prefs)
+    assert len(retriever._states) == len({h.tobytes() for h in retriever._pad(hist)})
+    np.testing.assert_array_equal(cold, retriever.user_vectors(hist, prefs))  # every state from the cache
+    shuffled = retriever.user_vectors(hist[::-1], prefs[::-1])[::-1]  # another batch order: float rounding only
+    np.testing.assert_allclose(cold, shuffled, rtol=0, atol=1e-6)
+    with torch.inference_mode():  # the model's own end-to-end path
+        seqs = torch.as_tensor(retriever._pad(hist))
+        from deeprec_env.embed import preference_vectors
+
+        vecs, given = preference_vectors(retriever.encoder, prefs)
+        ref = retriever.trm.user_vectors(seqs, torch.as_tensor(vecs), torch.as_tensor(given)).numpy()
+    np.testing.assert_allclose(cold, ref, rtol=0, atol=1e-6)
+    monkeypatch.setattr(type(retriever), "STATE_CACHE", 2)
+    retriever.user_vectors(hist, prefs)
+    assert len(retriever._states) == 2  # bounded: least recently used histories are dropped
