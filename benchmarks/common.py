@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import deeprec_env
+from deeprec_env.threads import thread_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,6 +35,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "threads": thread_settings(),
     }
 
 

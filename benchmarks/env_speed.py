@@ -199,8 +199,8 @@ def main(argv=None) -> None:
         scripted_steps(warm, 1, 16)
     numeric_steps(numeric, 16)
     scripted_steps(vec, args.num_envs, 2 * args.num_envs)
-    speed = {}
-    for load in ("idle", "busy"):
+    rounds: dict[str, list[dict]] = {"idle": [], "busy": []}
+    for load in ("idle", "busy", "idle", "busy"):  # alternated: a shared machine drifts
         with busy_core() if load == "busy" else contextlib.nullcontext():
             runs = {
                 "text": lambda: scripted_steps(text_env, 1, args.episodes),
@@ -208,11 +208,13 @@ def main(argv=None) -> None:
                 "numeric": lambda: numeric_steps(numeric, args.episodes),
                 "vector": lambda: scripted_steps(vec, args.num_envs, args.episodes),
             }
-            speed[load] = {}
+            got = {}
             for name, run in runs.items():
                 env.res.retriever.clear_cache()  # every measurement starts on histories it has not encoded
-                speed[load][name] = run()
-        print(load, speed[load])
+                got[name] = run()
+        rounds[load].append(got)
+        print(load, got)
+    speed = {load: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for load, rs in rounds.items()}
     single, vectorised = speed["idle"]["text"], speed["idle"]["vector"]
     http = http_comparison(env, kwargs, args.episodes)
     print(http)
@@ -257,7 +259,8 @@ def main(argv=None) -> None:
         "agent": "text: one call with a fixed preference, then the call's top 10 as the answer; numeric: "
         "two facet calls, then finish",
         "load": "idle: nothing else of ours running (the machine is shared, so other users' work may run); "
-        "busy: a second process of ours spins on one core for the whole measurement",
+        "busy: a second process of ours spins on one core for the whole measurement; idle, busy, idle, busy "
+        "in turn, each figure the mean of its two rounds",
         "threads": f"package defaults: env threads=1 (torch, set around each retrieval), index.threads=1 "
         f"(faiss); process at start: {threads_at_start}",
         "episodes": args.episodes,
@@ -278,6 +281,7 @@ def main(argv=None) -> None:
         "steps_per_s_single": single,
         "steps_per_s_vector": vectorised,
         "steps_per_s": speed,
+        "steps_per_s_rounds": rounds,
         "threads": threads_at_start,
         "num_envs": args.num_envs,
     }

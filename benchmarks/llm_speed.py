@@ -14,6 +14,7 @@ from agents.evaluate import episode_options
 from agents.llm import LLMPolicy
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 from deeprec_env.env import DeepRecEnv
+from deeprec_env.threads import thread_settings
 
 
 def measure(policy: LLMPolicy, env_kwargs: dict, episodes: int, seed: int = 0) -> list[dict]:
@@ -51,6 +52,7 @@ def main(argv=None) -> None:
         "device": f"{args.device}, {args.dtype}",
         "episodes": f"{args.episodes} ml-100k test users (seeded order {args.seed}), chat prompt, default env",
         "note": "wall time includes prompt processing, generation and the environment",
+        "threads": f"LLM: torch {thread_settings()['torch threads (process)']} (the process's); env: 1 (its default)",
     }
     text = f"## LLM policy speed\n\n{markdown_table(rows, list(rows[0]), fmt='{:.2f}')}\n\nProtocol:\n"
     text += protocol_text(protocol) + "\n"

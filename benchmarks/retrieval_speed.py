@@ -20,6 +20,7 @@ import numpy as np
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 from deeprec_env.index import IndexConfig, ItemIndex
 from deeprec_env.retrieval import Retriever
+from deeprec_env.threads import thread_settings
 
 COLUMNS = [
     "catalogue",
@@ -199,6 +200,8 @@ def main(argv=None) -> None:
         "searched with the ml-100k TRM's query path",
         "recall@20": "200 probe queries near random items, approximate top-20 vs exact top-20",
         "faiss threads": 1,
+        "torch threads": f"{thread_settings()['torch threads (process)']} (the process's; the retriever is called "
+        "directly, not through an env)",
         "seed": args.seed,
     }
     table = markdown_table(rows, COLUMNS, fmt="{:.2f}")
