@@ -14,11 +14,10 @@ re-running the same command after a kill resumes where it stopped. For the paper
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
-from agents.grpo import GRPOArgs, plot_curves, train
+from agents.grpo import GRPOArgs, plot_curves, read_log, train, write_log
 from agents.rollout import episode_settings
 from agents.sft import SFTArgs, train_sft
 
@@ -44,13 +43,10 @@ def run_curriculum(base: GRPOArgs, coldstart_steps: int, rec_steps: int, env_kwa
     ckpt1 = train(stage1, env_kwargs, progress=progress)
     stage2 = replace(base, model=str(ckpt1), stage="rec", steps=rec_steps, users="second-half", out=str(out / "rec"))
     ckpt2 = train(stage2, env_kwargs, progress=progress)
-    rows = []
-    for stage in ("coldstart", "rec"):
-        log = out / stage / "log.jsonl"
-        rows += [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    rows = [r for stage in ("coldstart", "rec") for r in read_log(out / stage / "log.jsonl")]
     for i, r in enumerate(rows):
         r["step"] = i  # one x axis across both stages
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_log(out / "log.jsonl", rows)
     plot_curves(out / "log.jsonl", out / "curves.png")
     return ckpt2
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
+from deeprec_env.storage import atomic_write
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,41 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, ac
         accelerator.wait_for_everyone()
 
 
+def recover_checkpoint(path: Path) -> None:
+    """Finish or undo a checkpoint replacement that a kill interrupted (see :func:`save_checkpoint`).
+
+    The previous checkpoint is renamed aside before the new one takes its name; a kill between the two
+    renames leaves only the aside copy, which is put back (the step in flight is lost, nothing else).
+    """
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and (old / "trainer_state.json").is_file():
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(path.with_name(f".{path.name}.tmp"), ignore_errors=True)
+
+
+def read_log(path: Path, before: int | None = None) -> list[dict]:
+    """The JSON lines of a run's log (a torn last line, from a kill mid-write, is dropped).
+
+    ``before``: keep the steps below it only.
+    """
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if before is None or row.get("step", 0) < before:
+                rows.append(row)
+    return rows
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    """Write a run's log as JSON lines, atomically (a reader never sees a torn line)."""
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
 def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
     """Greedy Recall/NDCG on a fixed subset of the validation episodes (``rollout.VALIDATION_EPISODES``).
 
@@ -352,8 +388,14 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     log_path = out / "log.jsonl"
     start = 0
     source = args.model
+    history: list[dict] = []  # the log of completed steps; it travels inside the checkpoint
+    if main:
+        recover_checkpoint(ckpt)
+    accelerator.wait_for_everyone()
     if (ckpt / "trainer_state.json").is_file():  # resume
-        start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start = state["step"]
+        history = state.get("log", read_log(log_path, before=start))
         source = str(ckpt)
     model, tok = load_causal_lm(source, device=device, dtype=args.dtype, trainable_adapter=True)
     if args.lora_r > 0 and not hasattr(model, "peft_config"):
@@ -372,17 +414,12 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         ds["gradient_accumulation_steps"] = -(-(args.users_per_step // world * args.group_size) // args.micro_batch)
         ds["gradient_clipping"] = args.grad_clip
     if start and (ckpt / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     model, optimizer = accelerator.prepare(model, optimizer)
     if start and (ckpt / "engine").is_dir():
         accelerator.load_state(str(ckpt / "engine"))
-    if start and main:  # keep only the log lines of completed steps
-        lines = (
-            [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] < start]
-            if log_path.exists()
-            else []
-        )
-        log_path.write_text("".join(ln + "\n" for ln in lines))
+    if main:  # the log is exactly the completed steps' lines (after a kill: what the checkpoint holds)
+        write_log(log_path, history)
     env_kwargs = args.env_kwargs(args.stage, env_kwargs)
     resources = get_resources(EnvConfig(**env_kwargs))  # built once: rollouts, difficulty filter, validation
     envs = [DeepRecEnv(resources=resources, **env_kwargs) for _ in range(args.rollout_batch)]
@@ -436,14 +473,15 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
             "policy_tokens": int(totals[2]),
             "processes": world,
         }
-        save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, accelerator)
         if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             policy.model.eval()
             entry.update(validate(policy, env_kwargs, args.val_users, resources))
         entry["seconds"] = time.perf_counter() - t0
+        history.append(entry)
+        # The step's log line commits with its checkpoint: a kill before this loses the step in flight only.
+        save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, accelerator, extra={"log": history})
         if main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            write_log(log_path, history)
         accelerator.wait_for_everyone()
     if main:
         plot_curves(log_path, out / "curves.png")
@@ -458,7 +496,7 @@ def plot_curves(log_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in Path(log_path).read_text().splitlines()] if Path(log_path).exists() else []
+    rows = read_log(Path(log_path))
     if not rows:
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))

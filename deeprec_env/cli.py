@@ -90,9 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dataset.summary())
         return 0
     from deeprec_env.embed import TextEncoder
-    from deeprec_env.trm import save_trm, train_trm
+    from deeprec_env.storage import prepare_folder
+    from deeprec_env.trm import TRM_FILES, save_trm, train_trm
 
     config = from_args(TRMConfig, ns)
+    prepare_folder(ns.out, TRM_FILES, "a TRM checkpoint")  # refuse a foreign folder before training, not after
     encoder = TextEncoder(ns.encoder, device=config.device)
     model, log = train_trm(dataset, config, encoder)
     path = save_trm(model, ns.out, dataset, {"encoder": ns.encoder, "train_log": log})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from deeprec_env import sources
 from deeprec_env.catalog import Catalog
 from deeprec_env.sources import DataFormatError, RawData
+from deeprec_env.storage import atomic_write, discard
 
 __all__ = [
     "DataFormatError",
@@ -415,19 +415,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DEEPREC_CACHE") or Path.home() / ".cache" / "deeprec_env")
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cache_key(kind: str, files: list[Path], config: PreprocessConfig) -> str:
     parts = {"v": CACHE_VERSION, "kind": kind, "config": asdict(config), "files": []}
     for f in files:
@@ -548,8 +535,8 @@ def load_dataset(
     if cache and entry.is_file():
         try:
             return _load(entry)
-        except (OSError, ValueError, KeyError):
-            entry.unlink(missing_ok=True)  # unreadable entry: rebuild it
+        except Exception as e:  # truncated or corrupt (BadZipFile, EOFError, ...): rebuild it
+            discard(entry, e, "processed-dataset cache entry")
     ds = preprocess(reader(), config, name=name, source=source)
     if cache:
         _save(ds, entry)

@@ -209,13 +209,27 @@ def _onnx_session(pooled: _Pooled, tokenizer, key: str):
         raise ImportError(
             "backend='onnx' needs onnxruntime, onnx and onnxscript: pip install 'deeprec-env[fast]'"
         ) from None
-    from deeprec_env.data import atomic_write, cache_dir
+    from deeprec_env.data import cache_dir
+    from deeprec_env.storage import atomic_write
 
     sample = tokenizer(["a short text", "a somewhat longer text, for the export"], padding=True, return_tensors="pt")
     names = tuple(k for k in _ONNX_INPUTS if k in sample)
     if "input_ids" not in names or "attention_mask" not in names:
         raise ValueError(f"backend='onnx' needs a tokenizer returning input_ids and attention_mask, got {list(sample)}")
     path = cache_dir() / "onnx" / f"{key}-{'-'.join(n[0] for n in names)}.onnx"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    # No busy-waiting between runs: spinning threads steal the cores PyTorch's TRM forward needs next
+    # (one-off measurement, 2-core CPU: retrieval call p99 61 ms with spinning, 9 ms without).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    if path.is_file():
+        try:
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), names
+        except Exception as e:  # truncated or corrupt export: export again
+            from deeprec_env.storage import discard
+
+            discard(path, e, "ONNX export")
     if not path.is_file():
 
         def export(tmp: Path) -> None:
@@ -245,12 +259,6 @@ def _onnx_session(pooled: _Pooled, tokenizer, key: str):
             ) from e
         finally:
             quiet.setLevel(level)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    # No busy-waiting between runs: spinning threads steal the cores PyTorch's TRM forward needs next
-    # (one-off measurement, 2-core CPU: retrieval call p99 61 ms with spinning, 9 ms without).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), names
 
 
@@ -281,7 +289,8 @@ def item_text_embeddings(catalog, encoder: TextEncoder, *, cache: bool = True) -
 
     Computed once per (catalogue, encoder) and cached under ``cache_dir()/embeddings`` (atomic write).
     """
-    from deeprec_env.data import atomic_write, cache_dir
+    from deeprec_env.data import cache_dir
+    from deeprec_env.storage import atomic_write
 
     texts = catalog.texts[1:]
     key = hashlib.sha256(("\x1e".join(texts) + encoder.id).encode()).hexdigest()[:20]
@@ -289,12 +298,20 @@ def item_text_embeddings(catalog, encoder: TextEncoder, *, cache: bool = True) -
     if cache and path.is_file():
         try:
             emb = np.load(path, allow_pickle=False)
-            if emb.shape == (len(texts) + 1, encoder.dim):
-                return emb
-        except (OSError, ValueError):
-            pass
+            if emb.shape != (len(texts) + 1, encoder.dim) or not np.isfinite(emb).all():
+                raise ValueError(f"shape {emb.shape} or non-finite values")
+            return emb
+        except Exception as e:  # truncated or corrupt: rebuild it
+            from deeprec_env.storage import discard
+
+            discard(path, e, "item-embedding cache entry")
     emb = np.zeros((len(texts) + 1, encoder.dim), dtype=np.float32)
     emb[1:] = encoder.encode(texts, progress=len(texts) > 5000)
     if cache:
-        atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), emb))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, emb)
+
+        atomic_write(path, write)
     return emb

@@ -26,8 +26,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -39,6 +37,7 @@ from torch import nn
 from deeprec_env.data import RecDataset, cache_dir
 from deeprec_env.metrics import full_ranks, ndcg_at_k, ndcg_full
 from deeprec_env.preferences import PreferenceBank, PreferenceMix, right_aligned_contexts
+from deeprec_env.storage import atomic_write, discard, prepare_folder, sha256_file
 
 TRAINING_VERSION = 2
 """Bumped whenever training changes what a configuration produces, so a cached TRM is never stale."""
@@ -568,48 +567,58 @@ def train_trm(
 # Checkpoints: a folder with model.safetensors + config.json, replaced atomically
 
 
+TRM_FILES = ("model.safetensors", "config.json")
+"""What a TRM checkpoint folder holds; ``config.json`` is written last and names the weights' SHA-256."""
+
+
 def save_trm(model: PreferenceTRM, path: str | os.PathLike, dataset: RecDataset, extra: dict | None = None) -> Path:
-    """Write ``path/model.safetensors`` and ``path/config.json`` (dataset fingerprint included), atomically."""
+    """Write ``path/model.safetensors``, then ``path/config.json`` (dataset fingerprint, weights' SHA-256).
+
+    Each file is replaced atomically, so a reader never sees half a file and concurrent savers end with one
+    whole checkpoint; a kill between the two leaves a pair whose checksum does not match, which
+    :func:`load_trm` refuses (and the cache rebuilds). ``path`` is created, or must hold only a TRM
+    checkpoint (it is overwritten); a folder with other files is refused before anything is written.
+    """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        meta = {
-            "format": "deeprec-trm/1",
-            "config": asdict(model.config),
-            "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "n_items": dataset.n_items},
-            "text_dim": model.text_dim,
-            **(extra or {}),
-        }
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    path = prepare_folder(path, TRM_FILES, "a TRM checkpoint")
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    digest = {}
+
+    def write_weights(tmp: Path) -> None:
+        save_file(state, str(tmp))
+        digest["sha256"] = sha256_file(tmp)
+
+    atomic_write(path / "model.safetensors", write_weights)
+    meta = {
+        "format": "deeprec-trm/1",
+        "config": asdict(model.config),
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "n_items": dataset.n_items},
+        "text_dim": model.text_dim,
+        "weights_sha256": digest["sha256"],
+        **(extra or {}),
+    }
+    atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return path
 
 
 def load_trm(
     path: str | os.PathLike, dataset: RecDataset | None = None, *, device: str | None = None, dtype: str | None = None
 ) -> PreferenceTRM:
-    """Load a checkpoint written by :func:`save_trm`; refuses one trained on another dataset."""
+    """Load a checkpoint written by :func:`save_trm`; refuses one trained on another dataset or a corrupt one."""
     from safetensors.torch import load_file
 
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{path}: not a TRM checkpoint (expected config.json and model.safetensors)")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e}); the checkpoint is corrupt") from e
+    expected = meta.get("weights_sha256")
+    if expected is not None and sha256_file(weights) != expected:
+        raise ValueError(f"{weights} does not match the checksum in config.json: corrupt or partly written")
     if dataset is not None and meta["dataset"]["fingerprint"] != dataset.fingerprint:
         d = meta["dataset"]
         raise ValueError(
@@ -619,7 +628,10 @@ def load_trm(
         )
     overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     config = replace(TRMConfig(**meta["config"]), **overrides)
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors' own error type for a truncated file
+        raise ValueError(f"{weights}: unreadable ({type(e).__name__}: {e})") from e
     model = PreferenceTRM(config, state["text_emb"])
     model.load_state_dict(state)
     return model.to(device=config.device, dtype=config.torch_dtype).eval()
@@ -646,8 +658,10 @@ def load_or_train_trm(
     if (path / "config.json").is_file():
         try:
             return load_trm(path, dataset, device=config.device, dtype=config.dtype)
-        except (OSError, ValueError, KeyError, RuntimeError):
-            shutil.rmtree(path, ignore_errors=True)
+        except Exception as e:  # corrupt or partly written: train again
+            for name in TRM_FILES:
+                if (path / name).exists():
+                    discard(path / name, e, "TRM cache file")
     model, log = train_trm(dataset, config, encoder, progress=progress)
     save_trm(model, path, dataset, {"train_log": log})
     return model

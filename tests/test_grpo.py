@@ -182,10 +182,10 @@ grpo.compute_advantages = lambda r, whiten: np.tile([1.0, -1.0], r.size // 2)  #
 save = grpo.save_checkpoint
 
 
-def spy(path, model, tok, opt, step, args, accelerator=None):  # each process's weights after its update
+def spy(path, model, tok, opt, step, args, accelerator=None, **kw):  # each process's weights after its update
     with open(f"{out}/rank{accelerator.process_index}.txt", "w") as f:
         f.write(digest(accelerator.unwrap_model(model)))
-    return save(path, model, tok, opt, step, args, accelerator)
+    return save(path, model, tok, opt, step, args, accelerator, **kw)
 
 
 grpo.save_checkpoint = spy
