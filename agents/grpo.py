@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
+from deeprec_env.config import check_fields
 from deeprec_env.storage import atomic_write
 
 
@@ -93,6 +94,7 @@ class GRPOArgs(EpisodeSettings):
     """Run folder: log.jsonl, curves.png, checkpoint/."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("steps", "users_per_step", "group_size", "micro_batch", "rollout_batch", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")

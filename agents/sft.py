@@ -27,6 +27,7 @@ import torch
 from agents.base import Policy, play_episodes
 from agents.llm import Trajectory, prompt_text
 from agents.rollout import EpisodeSettings, pad_batch, token_logprobs
+from deeprec_env.config import check_fields
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class SFTArgs(EpisodeSettings):
     """Run folder: log.jsonl and checkpoint/."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("episodes", "epochs", "batch", "micro_batch", "prompt_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")

@@ -20,6 +20,7 @@ import numpy as np
 
 from deeprec_env import sources
 from deeprec_env.catalog import Catalog
+from deeprec_env.config import check_fields
 from deeprec_env.sources import DataFormatError, RawData
 from deeprec_env.storage import atomic_write, discard
 
@@ -57,6 +58,7 @@ class PreprocessConfig:
     """History window: at most this many most recent items precede a target in a split example."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("min_user_count", "min_item_count"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 0")

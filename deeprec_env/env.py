@@ -116,6 +116,7 @@ class EnvConfig(ResourceConfig):
     on a busy machine (``docs/design.md``, "Threads and processes"); faiss uses ``index.threads``."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # types of every field, paths that must exist
         for name in ("prompt_history", "retrieval_k", "max_calls", "answer_k", "max_invalid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
@@ -135,6 +136,8 @@ class EnvConfig(ResourceConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; must be one of {allowed}")
+        if self.fuzzy_cutoff < 0:
+            raise ValueError(f"fuzzy_cutoff={self.fuzzy_cutoff}; must be >= 0 (> 1 disables fuzzy matching)")
         if not 0 < self.rl_share < 1:
             raise ValueError(f"rl_share={self.rl_share}; must be in (0, 1)")
         stage_weights(self.stage, self.reward_weights)  # validates both
@@ -156,6 +159,16 @@ def episode_split(config: EnvConfig, dataset: RecDataset) -> Split:
     if config.user_group == "all":
         return split
     return split.for_users(dataset.user_group(config.user_group, config.rl_share, config.group_seed))
+
+
+def _int_option(options: dict, key: str) -> int:
+    """``options[key]`` as an int: a Python or numpy integer (or a 0-d integer array), nothing coerced."""
+    value = options[key]
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"options[{key!r}]={value!r} ({type(value).__name__}); must be an int")
+    return int(value)
 
 
 class RenderModeError(ValueError, TypeError):
@@ -403,14 +416,18 @@ class DeepRecEnv(gym.Env[str, str]):
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
         """Start an episode; ``options={"user": u}`` or ``{"example": j}`` picks it."""
         super().reset(seed=seed)
-        options = options or {}
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
         unknown = set(options) - {"user", "example"}
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; use 'user' or 'example'")
+        if "user" in options and "example" in options:
+            raise ValueError("pass options 'user' or 'example', not both")
         if "user" in options:
-            j = self.split.example(int(options["user"]))
+            j = self.split.example(_int_option(options, "user"))
         elif "example" in options:
-            j = int(options["example"])
+            j = _int_option(options, "example")
             if not 0 <= j < len(self.split):
                 raise ValueError(f"example={j}; must be in 0..{len(self.split) - 1}")
         else:

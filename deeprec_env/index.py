@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from deeprec_env.config import check_fields
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -37,6 +39,7 @@ class IndexConfig:
     """Seed of IVF k-means training."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.kind not in ("exact", "hnsw", "ivf"):
             raise ValueError(f"kind={self.kind!r}; must be 'exact', 'hnsw' or 'ivf'")
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):

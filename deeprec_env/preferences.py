@@ -36,6 +36,7 @@ from functools import cached_property
 import numpy as np
 
 from deeprec_env.catalog import Catalog, normalise_title
+from deeprec_env.config import check_fields
 
 CATEGORY_TEMPLATES = ("{}", "more {}", "something {}", "in the mood for {}", "the user enjoys {}")
 """Phrasings of one category (the first keeps the catalogue's spelling, the others use lower case)."""
@@ -103,6 +104,7 @@ class PreferenceMix:
     """A random category, decade or item title, unrelated to user and target."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:

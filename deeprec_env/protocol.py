@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from deeprec_env.catalog import Catalog
+from deeprec_env.config import check_fields
 
 _ENUM = re.compile(r"^\s*(?:\d{1,3}\s*[.)\]:-]|[-*•])\s*")
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -60,6 +61,7 @@ class ProtocolConfig:
     """Longer segments are invalid and are not scanned (caps every regex)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         tags = [self.think_open, self.think_close, self.call_open, self.call_close, self.result_open,
                 self.result_close, self.answer_open, self.answer_close]  # fmt: skip
         if any(not t for t in tags) or len(set(tags)) != len(tags):

@@ -6,10 +6,12 @@ environments, trainers and benchmarks: ``get_resources(EnvConfig(...))`` or ``ge
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from deeprec_env.config import check_fields, looks_like_path
 from deeprec_env.data import PreprocessConfig, RecDataset, load_dataset, synthetic
 from deeprec_env.index import IndexConfig
 from deeprec_env.trm import TRMConfig
@@ -37,6 +39,22 @@ class ResourceConfig:
     """How the encoder runs: ``torch`` or ``onnx`` (onnxruntime, CPU: faster per call; the ``fast`` extra)."""
     index: IndexConfig = field(default_factory=IndexConfig)
     """faiss index settings."""
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_path", "metadata_path", "trm_checkpoint", "encoder"):
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        check_fields(self)
+        cls = type(self).__name__
+        for name in ("dataset_path", "metadata_path", "trm_checkpoint"):
+            value = getattr(self, name)
+            if value is not None and not os.path.exists(os.path.expanduser(value)):
+                raise ValueError(f"{cls}.{name}={value!r}: no such file or folder")
+        if looks_like_path(self.encoder) and not os.path.isdir(os.path.expanduser(self.encoder)):
+            raise ValueError(
+                f"{cls}.encoder={self.encoder!r}: no such folder (a local encoder is a folder with a transformers "
+                "model; a hub id looks like 'owner/name'; 'minilm' is the embedded default)"
+            )
 
 
 class Resources:

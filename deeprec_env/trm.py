@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deeprec_env.config import check_fields
 from deeprec_env.data import RecDataset, cache_dir
 from deeprec_env.metrics import full_ranks, ndcg_at_k, ndcg_full
 from deeprec_env.preferences import PreferenceBank, PreferenceMix, right_aligned_contexts
@@ -117,6 +118,7 @@ class TRMConfig:
     """Weight dtype for inference after training (training runs in float32)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("d_model", "n_layers", "n_heads", "ffn_dim", "max_len", "n_experts", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")

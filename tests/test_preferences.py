@@ -128,5 +128,5 @@ def test_item_years():
     "bad", [{"noise": -1.0}, {"noise": float("nan")}, {"noise": True}, dict.fromkeys(PreferenceMix().weights, 0.0)]
 )
 def test_mix_validation(bad):
-    with pytest.raises(ValueError, match="PreferenceMix"):
+    with pytest.raises((ValueError, TypeError), match="PreferenceMix"):
         PreferenceMix(**bad)
