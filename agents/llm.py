@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,8 +100,11 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
             lm.hf_quantizer = None  # the weights are dequantised: save a plain checkpoint
             if hasattr(lm.config, "quantization_config"):
                 del lm.config.quantization_config
+            from deeprec_env.storage import clean_stale_temps, temp_path
+
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2."))
+            clean_stale_temps(cached.parent)  # a conversion killed half-way
+            tmp = temp_path(cached, folder=True)
             try:
                 lm.save_pretrained(tmp)
                 tok.save_pretrained(tmp)

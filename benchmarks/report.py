@@ -25,6 +25,7 @@ SECTIONS = [
     ("retrieval_speed", "python -m benchmarks.retrieval_speed"),
     ("env_speed", "python -m benchmarks.env_speed"),
     ("llm_speed", "python -m benchmarks.llm_speed"),
+    ("fuzz", "python -m benchmarks.fuzz"),
 ]
 TIMED = ("retrieval_speed", "env_speed", "llm_speed")
 """Sections whose every figure is a time or a rate: only their layout is deterministic."""

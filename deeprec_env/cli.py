@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from collections.abc import Sequence
 
@@ -66,6 +67,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="ml-100k", help="ml-100k | ml-1m | amazon | atomic | synthetic")
     p.add_argument("--path", default=None, help="file or folder (all datasets but ml-100k and synthetic)")
     p.add_argument("--metadata", default=None, help="item metadata file (amazon) or .item file (atomic)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,8 +84,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--encoder", default="minilm", help="text encoder: 'minilm' (embedded), a path or a hub id")
     add_dataclass_args(p, TRMConfig)
     ns = ap.parse_args(argv)
+    try:
+        return _run(ns)
+    except (ValueError, TypeError, OSError) as e:  # bad data, bad options, files: one line says what is wrong
+        if ns.debug:
+            raise
+        print(f"deeprec {ns.command}: error: {e}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 2
 
+
+def _run(ns: argparse.Namespace) -> int:
     from deeprec_env.data import load_dataset
+    from deeprec_env.trm import TRMConfig
 
     dataset = load_dataset(ns.dataset, ns.path, metadata=ns.metadata)
     if ns.command == "data-summary":

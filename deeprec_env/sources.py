@@ -49,6 +49,8 @@ def _require(path: Path, what: str) -> Path:
 
 
 def _open_text(path: Path, encoding: str = "utf-8"):
+    if encoding == "utf-8":
+        encoding = "utf-8-sig"  # a byte-order mark at the start is not part of the first field
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding=encoding, errors="strict", newline="")
     return open(path, encoding=encoding, newline="")
@@ -67,11 +69,14 @@ def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
         raise DataFormatError(f"{path}: cannot read ({e})") from e
 
 
-def _number(value: str, path: Path, lineno: int, field: str) -> float:
+def _number(value: str, path: Path, lineno: int, field: str, *, finite: bool = False) -> float:
     try:
-        return float(value)
+        x = float(value)
     except ValueError:
         raise DataFormatError(f"{path}:{lineno}: {field} {value!r} is not a number") from None
+    if finite and not np.isfinite(x):
+        raise DataFormatError(f"{path}:{lineno}: {field} {value!r} is not a finite number")
+    return x
 
 
 def _assemble(rows: list[tuple[str, str, float, float]], meta, files) -> RawData:
@@ -135,7 +140,7 @@ def read_atomic(inter_path: str | os.PathLike, item_path: str | os.PathLike | No
             raise DataFormatError(
                 f"{inter_path}:{lineno}: expected {width} tab-separated fields, got {len(parts)}: {line[:80]!r}"
             )
-        t = _number(parts[it], inter_path, lineno, "timestamp") if it is not None else float(len(rows))
+        t = _number(parts[it], inter_path, lineno, "timestamp", finite=True) if it is not None else float(len(rows))
         r = _number(parts[ir], inter_path, lineno, "rating") if ir is not None else float("nan")
         rows.append((parts[iu], parts[ii], t, r))
     if not cols:
@@ -230,7 +235,7 @@ def read_ml1m(folder: str | os.PathLike) -> RawData:
             (
                 parts[0],
                 parts[1],
-                _number(parts[3], ratings, lineno, "timestamp"),
+                _number(parts[3], ratings, lineno, "timestamp", finite=True),
                 _number(parts[2], ratings, lineno, "rating"),
             )
         )
@@ -259,11 +264,15 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
         yield lineno, obj
 
 
-def _amazon_categories(obj: dict) -> tuple[str, ...]:
+def _amazon_categories(obj: dict, path: Path, lineno: int) -> tuple[str, ...]:
     raw = obj.get("categories", obj.get("category", ()))
     flat: list[str] = []
     if isinstance(raw, str):
         raw = [raw]
+    if raw is not None and not isinstance(raw, list | tuple):
+        raise DataFormatError(
+            f"{path}:{lineno}: categories {raw!r} ({type(raw).__name__}); expected a list of strings or of lists"
+        )
     for c in raw or ():
         if isinstance(c, list):  # 2014 format: list of category paths
             flat.extend(str(x) for x in c)
@@ -307,7 +316,7 @@ def read_amazon(reviews: str | os.PathLike, metadata: str | os.PathLike) -> RawD
             (
                 str(user),
                 str(item),
-                _number(str(t), reviews, lineno, "time"),
+                _number(str(t), reviews, lineno, "time", finite=True),
                 _number(str(rating), reviews, lineno, "rating"),
             )
         )
@@ -318,5 +327,5 @@ def read_amazon(reviews: str | os.PathLike, metadata: str | os.PathLike) -> RawD
             raise DataFormatError(f"{metadata}:{lineno}: metadata needs 'asin' or 'parent_asin'")
         title = clean_text(str(obj.get("title") or ""))
         if title and len(title) <= 300:
-            meta[str(item)] = (title, _amazon_categories(obj))
+            meta[str(item)] = (title, _amazon_categories(obj, metadata, lineno))
     return _assemble(rows, meta, [reviews, metadata])

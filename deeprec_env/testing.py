@@ -119,6 +119,122 @@ def random_actions(env: gym.Env, rng: np.random.Generator):
             yield "".join(chars[int(i)] for i in rng.integers(0, len(chars), int(rng.integers(0, 300))))
 
 
+HOSTILE_CHARS = (
+    "\ud800",  # a lone surrogate (what byte-level decoding of a small LM can produce)
+    "\udbc2\udc00\udfff",
+    "\x00",
+    "\x1b[31m",
+    "\u202e",  # right-to-left override
+    "\u200b\ufeff",  # zero-width space, byte-order mark
+    "\r\n\r",
+    "\t\v\f",
+    "\U0001f3ac",
+    "Ａｍéｌｉｅ",
+    "1.",
+    "10. ",
+)
+"""Hostile characters that keep a segment's structure: surrogates, control and bidi characters."""
+
+HOSTILE_PIECES = HOSTILE_CHARS + (
+    "<|begin_of_pre",
+    "ference|>",
+    "<|begin_of_preference|>",
+    "<|end_of_preference|>",
+    "<recommendation_list>",
+    "</recommendation_list>",
+    "<think>",
+    "</think>",
+    "<|begin_of_item_list|>",
+    "<|end_of_item_list|>",
+)
+"""Fragments that stress parsing, encoding and grounding: surrogates, control and bidi characters, split
+and nested tags."""
+
+
+def hostile_actions(env: gym.Env, rng: np.random.Generator, *, huge_every: int = 500):
+    """An endless stream of adversarial segments mixed with :func:`random_actions`.
+
+    Well-formed calls and answers carrying :data:`HOSTILE_CHARS`, free mixtures of :data:`HOSTILE_PIECES`
+    (split and stray tags), nested tags, ~56k-character preferences, and every ``huge_every`` actions a
+    5 MB string.
+    """
+    base = env.unwrapped
+    p, cat = base.config.protocol, base.catalog
+    plain = random_actions(env, rng)
+    n = 0
+
+    def noise(k: int, pieces: tuple[str, ...] = HOSTILE_PIECES) -> str:
+        return "".join(pieces[int(i)] for i in rng.integers(0, len(pieces), k))
+
+    while True:
+        n += 1
+        kind = int(rng.integers(0, 8))
+        if huge_every and n % huge_every == 0:
+            yield "x" * 5_000_000 if rng.random() < 0.5 else noise(8) * 300_000
+        elif kind == 0:  # a well-formed call whose preference is hostile text
+            yield call_text(noise(int(rng.integers(1, 6)), HOSTILE_CHARS) + " drama", p, noise(3, HOSTILE_CHARS))
+        elif kind == 1:  # a well-formed answer whose lines carry hostile characters
+            lines = [
+                noise(2, HOSTILE_CHARS) + cat.titles[int(i)] + noise(1, HOSTILE_CHARS)
+                for i in rng.integers(1, cat.num_embeddings, 10)
+            ]
+            yield answer_text(lines, p, noise(2, HOSTILE_CHARS))
+        elif kind == 2:  # nested: a call inside a call, an answer inside a call
+            yield f"{p.call_open} a {p.call_open} b {p.call_close} {p.call_close}"
+        elif kind == 3:
+            yield f"{p.call_open} {answer_text(['x'] * 10, p, 'r')} {p.call_close}"
+        elif kind == 4:  # a preference of ~56k characters (the segment stays under the length limit)
+            yield call_text("comedy " * 8_000 + noise(4, HOSTILE_CHARS), p)
+        elif kind == 5:
+            yield noise(int(rng.integers(1, 40)))
+        else:
+            yield next(plain)
+
+
+def fuzz_run(
+    make_env: EnvFactory, n_actions: int, seed: int = 0, *, hang_s: float = 10.0, huge_every: int = 500, progress=None
+) -> dict:
+    """Step ``n_actions`` of :func:`hostile_actions` through one environment; count what went wrong.
+
+    Returns counts of ``crashes`` (exceptions from ``step``, with the first few messages), ``hangs`` (steps
+    over ``hang_s`` seconds), ``non_finite`` rewards, observations ``outside_space``, plus ``episodes``,
+    ``invalid`` actions and the slowest step. After a crash the environment is reset and the run goes on.
+    """
+    import time
+
+    env = make_env()
+    rng = np.random.default_rng(seed)
+    actions = hostile_actions(env, rng, huge_every=huge_every)
+    env.reset(seed=seed)
+    out = {"actions": 0, "crashes": 0, "hangs": 0, "non_finite": 0, "outside_space": 0, "episodes": 0,
+           "invalid": 0, "max_step_s": 0.0, "errors": []}  # fmt: skip
+    for i in range(n_actions):
+        action = next(actions)
+        t = time.perf_counter()
+        try:
+            obs, r, term, trunc, info = env.step(action)
+        except Exception as e:  # noqa: BLE001 - counting them is the point
+            out["crashes"] += 1
+            if len(out["errors"]) < 5:
+                out["errors"].append(f"{type(e).__name__}: {e}"[:300])
+            env.reset(seed=seed + i + 1)
+            continue
+        finally:
+            dt = time.perf_counter() - t
+            out["max_step_s"] = max(out["max_step_s"], dt)
+            out["hangs"] += dt > hang_s
+            out["actions"] += 1
+        out["non_finite"] += not np.isfinite(r)
+        out["outside_space"] += obs not in env.observation_space
+        out["invalid"] += not info["is_action_valid"]
+        if term or trunc:
+            out["episodes"] += 1
+            env.reset(seed=seed + i + 1)
+        if progress is not None:
+            progress(1)
+    return out
+
+
 def sampled_actions_test(make_env: EnvFactory, seeds: tuple[int, ...] = (0, 1), steps: int = 24) -> None:
     """Seeded random actions mixed with garbage give equal trajectories in two environments.
 

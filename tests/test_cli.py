@@ -41,5 +41,16 @@ def test_bad_option_is_clear(capsys):
     with pytest.raises(SystemExit):
         main(["trm-train", "--out", "x", "--use-text", "maybe"])
     assert "not a boolean" in capsys.readouterr().err
+    assert main(["trm-train", "--dataset", "synthetic", "--out", "x", "--d-model", "10", "--n-heads", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "d_model=10 is not divisible" in err and "Traceback" not in err and "--debug" in err
     with pytest.raises(ValueError, match="d_model=10 is not divisible"):
-        main(["trm-train", "--dataset", "synthetic", "--out", "x", "--d-model", "10", "--n-heads", "3"])
+        main(["trm-train", "--dataset", "synthetic", "--out", "x", "--d-model", "10", "--n-heads", "3", "--debug"])
+
+
+def test_data_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "x.inter"
+    bad.write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\tnan\n")
+    assert main(["data-summary", "--dataset", "atomic", "--path", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"deeprec data-summary: error: {bad}:2: timestamp 'nan' is not a finite number"

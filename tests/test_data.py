@@ -365,3 +365,27 @@ def test_packaged_file_errors_are_clear():
         packaged_file("no_such_pkg_xyz", "x", "Something", "no-such-pkg==1.0")
     with pytest.raises(FileNotFoundError, match="has no missing/file"):
         packaged_file("deeprec_env", "missing/file", "Something", "deeprec-env==0.1.0")
+
+
+@pytest.mark.parametrize("stamp", ["nan", "inf", "-inf"])
+def test_non_finite_timestamps_are_rejected_with_file_and_line(tmp_path, stamp):
+    inter = tmp_path / "x.inter"
+    inter.write_text(f"user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\t5\nu1\ti2\t{stamp}\n")
+    with pytest.raises(DataFormatError, match=rf"x\.inter:3: timestamp '{stamp}' is not a finite number"):
+        load_dataset("atomic", inter, config=NO_CORE)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    inter = tmp_path / "bom.inter"
+    rows = "".join(f"u{u}\ti{(u + k) % 5}\t{k}\n" for u in range(4) for k in range(4))
+    inter.write_bytes("\ufeffuser_id:token\titem_id:token\ttimestamp:float\n".encode() + rows.encode())
+    ds = load_dataset("atomic", inter, config=NO_CORE)
+    assert ds.n_users == 4
+
+
+def test_amazon_bad_categories_name_file_and_line(tmp_path):
+    reviews, meta = tmp_path / "r.json", tmp_path / "m.json"
+    reviews.write_text('{"reviewerID": "a", "asin": "x", "unixReviewTime": 1}\n')
+    meta.write_text('{"asin": "y", "title": "Y"}\n{"asin": "x", "title": "X", "categories": 5}\n')
+    with pytest.raises(DataFormatError, match=r"m\.json:2: categories 5 \(int\)"):
+        load_dataset("amazon", reviews, metadata=meta)

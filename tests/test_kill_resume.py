@@ -138,3 +138,27 @@ def _assert_same(got, want):
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
             else:
                 assert a[k] == b[k], k
+
+
+def _sft_args(out, lm):
+    from agents.sft import SFTArgs
+
+    return SFTArgs(model=str(lm), episodes=4, epochs=3, batch=2, micro_batch=2, lr=1e-2, prompt_history=5,
+                   out=str(out))  # fmt: skip
+
+
+@pytest.mark.parametrize("delay", [1.0, 2.5])
+def test_sft_killed_then_rerun_gives_the_uninterrupted_log(delay, tmp_path, tiny_lm_path, env_kwargs, resources):
+    from agents.sft import train_sft
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _in_child(lambda: train_sft(_sft_args(ref, tiny_lm_path), env_kwargs, progress=False)) == 0
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the run, killed by the parent
+        train_sft(_sft_args(run, tiny_lm_path), env_kwargs, progress=False)
+        os._exit(0)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert _in_child(lambda: train_sft(_sft_args(run, tiny_lm_path), env_kwargs, progress=False)) == 0
+    _assert_same(_log(run), _log(ref))

@@ -92,8 +92,10 @@ def test_trm_train_cli_leaves_other_files_alone(tmp_path, tiny_encoder_path, cap
     from deeprec_env.cli import main
 
     (tmp_path / "keep.md").write_text("x")
-    with pytest.raises(FileExistsError, match="keep.md"):
-        main(["trm-train", "--dataset", "synthetic", "--out", str(tmp_path), "--encoder", str(tiny_encoder_path)])
+    assert (
+        main(["trm-train", "--dataset", "synthetic", "--out", str(tmp_path), "--encoder", str(tiny_encoder_path)]) == 2
+    )
+    assert "keep.md" in capsys.readouterr().err
     assert (tmp_path / "keep.md").read_text() == "x"
 
 
