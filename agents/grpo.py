@@ -62,7 +62,17 @@ class GRPOArgs(EpisodeSettings):
     whiten: Literal["divide", "multiply", "none"] = "divide"
     """Global whitening of advantages: divide by the std (correct), multiply (the reference's bug), none."""
     temperature: float = 1.0
-    """Sampling temperature of rollouts."""
+    """Sampling temperature of rollouts; the loss's log-probs use the same (on-policy)."""
+    top_p: float = 1.0
+    """Nucleus threshold of rollouts (1: off); the loss applies the same truncation."""
+    top_k: int = 0
+    """Top-k of rollouts (0: off; transformers alone would apply 50); the loss applies the same truncation."""
+    mini_batches: int = 1
+    """Optimiser steps per rollout batch: the step's trajectories are split into this many mini-batches (the
+    reference: 2, a train batch of 512 out of 1,024). With more than one update per batch the ratio moves
+    away from 1 and the asymmetric clip acts."""
+    ppo_epochs: int = 1
+    """Passes over the rollout batch (each of ``mini_batches`` optimiser steps)."""
     max_new_tokens: int = 192
     """Tokens per generated segment."""
     micro_batch: int = 2
@@ -95,7 +105,8 @@ class GRPOArgs(EpisodeSettings):
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("steps", "users_per_step", "group_size", "micro_batch", "rollout_batch", "max_new_tokens"):
+        for name in ("steps", "users_per_step", "group_size", "micro_batch", "rollout_batch", "max_new_tokens",
+                     "mini_batches", "ppo_epochs"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         if self.whiten not in ("divide", "multiply", "none"):
@@ -106,17 +117,23 @@ class GRPOArgs(EpisodeSettings):
             raise ValueError(f"rollout_engine={self.rollout_engine!r}; must be 'transformers' or 'vllm'")
         if not 0 < self.vllm_gpu_memory <= 1:
             raise ValueError(f"vllm_gpu_memory={self.vllm_gpu_memory}; must be in (0, 1]")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}; RL samples: need "
+                "temperature > 0, 0 < top_p <= 1, top_k >= 0"
+            )
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high}; need 0 <= low < 1, high >= 0")
 
 
 PAPER_SCALE = {
     "coldstart": dict(model="Qwen/Qwen2.5-7B", stage="coldstart", steps=20, users_per_step=128, group_size=8,
-                      lr=1e-6, dtype="bfloat16", device="cuda", prompt="base", dataset="ml-1m"),
+                      lr=1e-6, dtype="bfloat16", device="cuda", prompt="base", dataset="ml-1m", mini_batches=2),
     "rec": dict(model="<stage-1 checkpoint>", stage="rec", steps=80, users_per_step=128, group_size=8,
-                lr=1e-6, dtype="bfloat16", device="cuda", prompt="base", dataset="ml-1m"),
+                lr=1e-6, dtype="bfloat16", device="cuda", prompt="base", dataset="ml-1m", mini_batches=2),
 }  # fmt: skip
-"""The paper's settings per stage (Qwen2.5-7B base, 128 users x 8 samples, lr 1e-6, bf16, 20 + 80 steps)."""
+"""The paper's settings per stage (Qwen2.5-7B base, 128 users x 8 samples, lr 1e-6, bf16, 20 + 80 steps, two
+optimiser steps per rollout batch)."""
 
 
 def compute_advantages(rewards: np.ndarray, whiten: str = "divide", eps: float = 1e-8) -> np.ndarray:
@@ -160,56 +177,115 @@ def policy_loss(
 
 
 def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray, args: GRPOArgs, pad_id: int,
-               ref_model=None, accelerator=None) -> dict:  # fmt: skip
-    """One optimiser step over the step's rollouts (micro-batched); returns loss statistics.
+               ref_model=None, accelerator=None, rng: np.random.Generator | None = None) -> dict:  # fmt: skip
+    """The policy update of one step; returns statistics.
 
-    There is one update per batch of rollouts, so the sampling policy is the current one: its
-    log-probs are the current log-probs, detached (ratio 1, gradient = the policy gradient; the
-    clip matters only for a trainer that reuses a batch). With ``accelerator`` (several processes),
-    gradients are synchronised once, on the last micro-batch.
+    ``ppo_epochs`` passes over the rollouts, each of ``mini_batches`` optimiser steps (micro-batched).
+    Log-probs are those of the sampling distribution (temperature, top-k, top-p as in the rollouts). With
+    one update per batch (the default) the old log-probs are the current ones, detached: ratio 1 and the
+    gradient is the policy gradient. With more, they are computed once before the first update, by the
+    model that sampled the rollouts, and the clip acts as the ratio moves. ``rng`` shuffles the
+    trajectories between mini-batches. With ``accelerator`` (several processes), gradients are synchronised
+    once per optimiser step, on its last micro-batch.
     """
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    reuse = args.ppo_epochs * args.mini_batches > 1
+    old = _old_logprobs(model, rollouts, args.micro_batch, pad_id, sampling) if reuse else None
+    stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0, "sampler_gap": 0.0, "tokens": 0}
+    n_updates = 0
+    for _ in range(args.ppo_epochs):
+        order = np.arange(len(rollouts)) if rng is None or not reuse else rng.permutation(len(rollouts))
+        for part in np.array_split(order, args.mini_batches):
+            if len(part):
+                grad_norm = _optimiser_step(model, optimizer, rollouts, advantages, [int(i) for i in part], old,
+                                            args, pad_id, sampling, stats, ref_model, accelerator)  # fmt: skip
+                stats["grad_norm"] += grad_norm
+                n_updates += 1
+    n_tokens = max(stats["tokens"], 1)
+    return {
+        "loss": stats["loss"] / max(n_updates, 1),
+        "grad_norm": stats["grad_norm"] / max(n_updates, 1),
+        "kl": stats["kl"] / max(n_updates, 1),
+        "clip_fraction": stats["clipped"] / n_tokens,
+        "sampler_gap": stats["sampler_gap"] / n_tokens,
+        "updates": n_updates,
+        "policy_tokens": int(sum(sum(r.trajectory.policy_mask) for r in rollouts)),
+    }
+
+
+@torch.no_grad()
+def _old_logprobs(model, rollouts: list[Rollout], micro_batch: int, pad_id: int, sampling: dict) -> list[torch.Tensor]:
+    """Per trajectory, the log-probs of its tokens under the current (sampling) policy, before any update."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(rollouts), micro_batch):
+        chunk = rollouts[s : s + micro_batch]
+        batch = {k: v.to(device) for k, v in pad_batch([r.trajectory for r in chunk], pad_id).items()}
+        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
+        out.extend(lp[j, : len(r.trajectory.ids)].detach() for j, r in enumerate(chunk))
+    return out
+
+
+def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old, args: GRPOArgs, pad_id: int,
+                    sampling: dict, stats: dict, ref_model, accelerator) -> float:  # fmt: skip
+    """One optimiser step on the trajectories ``idx`` (micro-batched, token mean over them); its grad norm."""
     import contextlib
 
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = sum(sum(r.trajectory.policy_mask) for r in rollouts)
-    total_loss, kl_sum = 0.0, 0.0
-    starts = list(range(0, len(rollouts), args.micro_batch))
+    chosen = [rollouts[i] for i in idx]
+    n_tokens = sum(sum(r.trajectory.policy_mask) for r in chosen)
+    starts = list(range(0, len(idx), args.micro_batch))
     # DeepSpeed accumulates over its configured number of micro-batches (``train`` sets it to this
-    # step's) and divides each loss by it; scale back so the gradient is the same as elsewhere.
+    # optimiser step's) and divides each loss by it; scale back so the gradient is the same as elsewhere.
     ds_scale = 1.0
     deepspeed = _deepspeed(accelerator)
     if deepspeed:
         gas = accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
         if gas != len(starts):
-            raise RuntimeError(f"{len(starts)} micro-batches this step, DeepSpeed accumulates {gas}")
+            raise RuntimeError(f"{len(starts)} micro-batches this optimiser step, DeepSpeed accumulates {gas}")
         ds_scale = float(gas)
     for s in starts:
-        chunk = rollouts[s : s + args.micro_batch]
-        batch = {k: v.to(device) for k, v in pad_batch([r.trajectory for r in chunk], pad_id).items()}
+        part = idx[s : s + args.micro_batch]
+        trajs = [rollouts[i].trajectory for i in part]
+        batch = {k: v.to(device) for k, v in pad_batch(trajs, pad_id).items()}
         sync = accelerator is None or s == starts[-1]
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-            old = logp.detach()
-            adv = torch.as_tensor(advantages[s : s + len(chunk)], dtype=torch.float32, device=device)
+            logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
+            if old is None:
+                old_lp = logp.detach()
+            else:
+                old_lp = torch.zeros_like(logp)
+                for j, i in enumerate(part):
+                    old_lp[j, : len(old[i])] = old[i]
+            adv = torch.as_tensor(advantages[part], dtype=torch.float32, device=device)
             mask = batch["loss_mask"]
-            # token-level mean over the whole step: weight each micro-batch by its share of policy tokens
-            loss = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high) * (mask.sum() / max(n_tokens, 1))
+            # token-level mean over the optimiser step: weight each micro-batch by its share of policy tokens
+            loss = policy_loss(logp, old_lp, adv, mask, args.clip_low, args.clip_high) * (mask.sum() / max(n_tokens, 1))
             if ref_model is not None and args.kl_coef > 0:
                 with torch.no_grad():
-                    ref = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"])
+                    ref = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], **sampling)
                 log_ratio = ref - logp
                 kl = ((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum() / max(n_tokens, 1)  # k3 estimator
                 loss = loss + args.kl_coef * kl
-                kl_sum += float(kl)
+                stats["kl"] += float(kl)
             if accelerator is None:
                 loss.backward()
             else:
                 if deepspeed:  # the engine reduces and steps at the boundary: the last micro-batch
                     accelerator.sync_gradients = sync
                 accelerator.backward(loss * ds_scale)
-        total_loss += float(loss.detach())
+        with torch.no_grad():
+            ratio = torch.exp(logp.detach() - old_lp)
+            clipped = ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).float()
+            stats["clipped"] += float((clipped * mask).sum())
+            sampler = torch.zeros_like(old_lp)
+            for j, t in enumerate(trajs):
+                sampler[j, : len(t.logprobs)] = torch.as_tensor(t.logprobs, dtype=sampler.dtype)
+            stats["sampler_gap"] += float(((old_lp - sampler).abs() * mask).sum())
+            stats["tokens"] += int(mask.sum())
+        stats["loss"] += float(loss.detach())
     if deepspeed:
         accelerator.sync_gradients = True
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,8 +294,7 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     else:
         grad_norm = accelerator.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
-    grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
-    return {"loss": total_loss, "grad_norm": grad_norm, "kl": kl_sum, "policy_tokens": int(n_tokens)}
+    return float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside its engine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +488,11 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
     if _deepspeed(accelerator):  # one optimiser step per train step, clipped at args.grad_clip, inside the engine
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["gradient_accumulation_steps"] = -(-(args.users_per_step // world * args.group_size) // args.micro_batch)
+        local = args.users_per_step // world * args.group_size
+        if local % args.mini_batches:
+            raise ValueError(f"DeepSpeed: {local} trajectories per process do not split into {args.mini_batches} "
+                             "equal mini-batches")  # fmt: skip
+        ds["gradient_accumulation_steps"] = -(-(local // args.mini_batches) // args.micro_batch)
         ds["gradient_clipping"] = args.grad_clip
     if start and (ckpt / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
@@ -439,7 +518,8 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
                             gpu_memory_utilization=args.vllm_gpu_memory, distributed=world > 1)  # fmt: skip
         engine.load_weights(accelerator.unwrap_model(model))  # a resumed or LoRA model differs from the files
     policy = LLMPolicy(accelerator.unwrap_model(model), tok, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, name="grpo", engine=engine)  # fmt: skip
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, name="grpo",
+                       engine=engine)  # fmt: skip
     for step in tqdm(range(start, args.steps), desc=f"{args.stage}", disable=not (progress and main), initial=start,
                      total=args.steps):  # fmt: skip
         t0 = time.perf_counter()
@@ -453,7 +533,8 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         local = torch.as_tensor(group_rewards(rollouts, args.group_size), device=accelerator.device)
         rewards = accelerator.gather(local).cpu().numpy()  # (n_users, G), process by process
         adv = compute_advantages(rewards, args.whiten)[rank * len(local) : (rank + 1) * len(local)].reshape(-1)
-        stats = train_step(model, optimizer, rollouts, adv, args, tok.pad_token_id, ref_model, accelerator)
+        stats = train_step(model, optimizer, rollouts, adv, args, tok.pad_token_id, ref_model, accelerator,
+                           rng=np.random.default_rng([args.seed, step, 1]))  # fmt: skip
         if engine is not None:
             engine.load_weights(accelerator.unwrap_model(model))  # the next rollouts sample the updated policy
         keys = sorted(rollouts[0].record.reward_components)
@@ -473,6 +554,9 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
             "grad_norm": stats["grad_norm"],
             "kl": float(totals[1]) / world,
             "policy_tokens": int(totals[2]),
+            "updates": stats["updates"],
+            "clip_fraction": stats["clip_fraction"],
+            "sampler_gap": stats["sampler_gap"],
             "processes": world,
         }
         if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):

@@ -164,7 +164,9 @@ class LLMPolicy(Policy):
         dtype: torch dtype name.
         max_new_tokens: token limit per segment.
         temperature: sampling temperature; 0 means greedy decoding.
-        top_p: nucleus sampling threshold.
+        top_p: nucleus sampling threshold (1: off).
+        top_k: sample among the k most likely tokens (0, the default: off; transformers alone would use 50).
+            The recorded log-probs are those of the distribution sampled from.
         seed: seed of the policy's own sampling generator.
         name: label in result tables.
         engine: an optional rollout engine (:class:`agents.vllm_engine.VLLMEngine`) that generates the
@@ -181,6 +183,7 @@ class LLMPolicy(Policy):
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int = 0,
         name: str | None = None,
         engine=None,
@@ -189,8 +192,11 @@ class LLMPolicy(Policy):
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; must be >= 1")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature={temperature}, top_p={top_p}; need temperature >= 0, 0 < top_p <= 1")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(
+                f"temperature={temperature}, top_p={top_p}, top_k={top_k}; need temperature >= 0, 0 < top_p <= 1, "
+                "top_k >= 0"
+            )
         if isinstance(model, str | os.PathLike):
             self.name = name or f"llm:{Path(str(model)).name}"
             self.model, self.tokenizer = load_causal_lm(str(model), device=device, dtype=dtype)
@@ -205,6 +211,7 @@ class LLMPolicy(Policy):
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.engine = engine
 
@@ -271,8 +278,8 @@ class LLMPolicy(Policy):
         import torch
 
         seeds = torch.randint(0, 2**62, (len(contexts),), generator=self.generator).tolist()
-        return self.engine.generate(contexts, stops, max_new_tokens=self.max_new_tokens,
-                                    temperature=self.temperature, top_p=self.top_p, seeds=seeds)  # fmt: skip
+        return self.engine.generate(contexts, stops, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                    top_p=self.top_p, top_k=self.top_k, seeds=seeds)  # fmt: skip
 
     def _hf_generate(self, contexts: list[list[int]], stops: list[tuple[str, ...]]):
         """``(ids, logprobs)`` per context from ``model.generate`` on a left-padded batch (uncut)."""
@@ -294,8 +301,8 @@ class LLMPolicy(Policy):
             stop_strings=all_stops,
             tokenizer=self.tokenizer,
         )
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        if self.temperature > 0:  # top_k=0 turns off transformers' default top-k of 50
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         # transformers samples from the global generator: fork it and seed it from the policy's own

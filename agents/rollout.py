@@ -115,9 +115,45 @@ def pad_batch(trajectories: list[Trajectory], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Log-probability of every token given its prefix, ``(B, L)``; position 0 gets 0."""
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """``logits`` turned into the distribution a sampler draws from.
+
+    Divided by ``temperature``, then everything outside the ``top_k`` best (0: off) and outside the
+    ``top_p`` nucleus (1: off) set to -inf: the same transformations, in the same order, as transformers'
+    temperature, top-k and top-p warpers, so a policy-gradient loss on these log-probs is on the
+    distribution the rollouts were sampled from.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; sampling needs temperature > 0")
+    x = logits / temperature if temperature != 1.0 else logits
+    if top_k > 0 and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=False)
+        cumulative = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[..., -1:] = False  # keep at least the best token
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return x
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Log-probability of every token given its prefix, ``(B, L)``; position 0 gets 0.
+
+    With ``temperature``/``top_k``/``top_p``: under the sampling distribution (:func:`sampling_logits`).
+    """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if (temperature, top_k, top_p) != (1.0, 0, 1.0):
+        logits = sampling_logits(logits, temperature, top_k, top_p)
     lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
 

@@ -132,6 +132,7 @@ class VLLMEngine:
         temperature: float,
         top_p: float,
         seeds: list[int],
+        top_k: int = 0,
     ) -> list[tuple[list[int], list[float]]]:
         """``(token_ids, logprobs)`` of one sampled continuation per context (temperature 0: greedy).
 
@@ -144,6 +145,7 @@ class VLLMEngine:
             SamplingParams(
                 temperature=temperature,
                 top_p=top_p if temperature > 0 else 1.0,
+                **({"top_k": top_k} if temperature > 0 and top_k > 0 else {}),  # vLLM's default: off
                 max_tokens=max_new_tokens,
                 stop=list(stop),
                 include_stop_str_in_output=True,

@@ -23,6 +23,7 @@ ENGINES: list[LLM] = []
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = -1
     max_tokens: int | None = 16
     stop: list[str] | None = None
     include_stop_str_in_output: bool = False
@@ -88,7 +89,12 @@ class LLM:
         return [self._one(p["prompt_token_ids"], sp) for p, sp in zip(prompts, sampling_params, strict=True)]
 
     def _one(self, prompt: list[int], sp: SamplingParams) -> RequestOutput:
-        if sp.top_p != 1.0 or not sp.include_stop_str_in_output or sp.logprobs not in (None, 0):
+        if (
+            sp.top_p != 1.0
+            or sp.top_k not in (-1, 0)
+            or not sp.include_stop_str_in_output
+            or sp.logprobs not in (None, 0)
+        ):
             raise NotImplementedError(f"stand-in: unsupported sampling params {sp}")
         gen = torch.Generator().manual_seed(sp.seed if sp.seed is not None else 0)
         ids, lps = [], []
