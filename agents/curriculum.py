@@ -17,8 +17,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from agents.grpo import GRPOArgs, plot_curves, read_log, train, write_log
+from agents.grpo import GRPOArgs, train
 from agents.rollout import episode_settings
+from agents.runs import plot_curves, read_log, write_log
 from agents.sft import SFTArgs, train_sft
 
 

@@ -8,16 +8,15 @@ KL to a frozen reference model (coefficient 0 by default), tokens the environmen
 gradient clipping and Adam (0.9, 0.95).
 
 Reads top to bottom: :class:`GRPOArgs`, :func:`compute_advantages`, :func:`policy_loss`,
-:func:`train_step`, then :func:`train` (the loop with logging, checkpoints and resume).
+:func:`train_step` (the update), then :func:`train` (rollouts -> advantages -> update -> log and checkpoint)
+and the helpers it calls in that order. Checkpoints, logs, validation and curves live in
+:mod:`agents.runs` (shared with the warm start). ``python -m agents.grpo --help`` runs one stage.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,8 +24,16 @@ import numpy as np
 import torch
 
 from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
+from agents.runs import (
+    _deepspeed,
+    plot_curves,
+    recover_checkpoint,
+    run_state,
+    save_checkpoint,
+    validate,
+    write_log,
+)
 from deeprec_env.config import check_fields
-from deeprec_env.storage import atomic_write
 
 
 @dataclass(frozen=True)
@@ -317,125 +324,13 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
 
-def _deepspeed(accelerator) -> bool:
-    return accelerator is not None and accelerator.distributed_type.name == "DEEPSPEED"
-
-
-def _sharded(accelerator) -> bool:
-    """True when the engine shards weights or optimizer state (DeepSpeed, FSDP)."""
-    return accelerator is not None and accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
-
-
-def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, accelerator=None,
-                    extra: dict | None = None) -> None:  # fmt: skip
-    """Model, tokenizer, optimizer state and step, written to a temporary folder then renamed.
-
-    Under ``accelerate`` every process calls this: sharded engines (DeepSpeed, FSDP) gather the
-    weights and save their optimizer shards (``engine/``, via ``accelerator.save_state``); the main
-    process writes the rest. A LoRA model saves its adapter only (``load_causal_lm`` reloads it).
-    ``extra`` is added to ``trainer_state.json`` (inside the same atomic rename).
-    """
-    main = accelerator is None or accelerator.is_main_process
-    sharded = _sharded(accelerator)
-    tmp = path.parent / f".{path.name}.tmp"
-    if main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    try:
-        state = accelerator.get_state_dict(model) if sharded else None  # collective
-        if sharded:
-            accelerator.save_state(str(tmp / "engine"))  # collective
-        if main:
-            unwrapped = model if accelerator is None else accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(tmp, **({"state_dict": state} if sharded else {}))
-            tokenizer.save_pretrained(tmp)
-            if not sharded:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            trainer_state = {"step": step, "args": asdict(args), **(extra or {})}
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-            old = path.with_name(f".{path.name}.old")
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-
-
-def recover_checkpoint(path: Path) -> None:
-    """Finish or undo a checkpoint replacement that a kill interrupted (see :func:`save_checkpoint`).
-
-    The previous checkpoint is renamed aside before the new one takes its name; a kill between the two
-    renames leaves only the aside copy, which is put back (the step in flight is lost, nothing else).
-    """
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and (old / "trainer_state.json").is_file():
-        os.replace(old, path)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(path.with_name(f".{path.name}.tmp"), ignore_errors=True)
-
-
-def read_log(path: Path, before: int | None = None) -> list[dict]:
-    """The JSON lines of a run's log (a torn last line, from a kill mid-write, is dropped).
-
-    ``before``: keep the steps below it only.
-    """
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if before is None or row.get("step", 0) < before:
-                rows.append(row)
-    return rows
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    """Write a run's log as JSON lines, atomically (a reader never sees a torn line)."""
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
-
-def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
-    """Greedy Recall/NDCG on a fixed subset of the validation episodes (``rollout.VALIDATION_EPISODES``).
-
-    The subset is the first ``n_users`` of a seeded order.
-    """
-    from agents.evaluate import episode_options, evaluate_agent, summarize
-    from agents.rollout import VALIDATION_EPISODES
-    from deeprec_env.env import EnvConfig, episode_split, get_resources
-
-    kwargs = {**env_kwargs, **VALIDATION_EPISODES}
-    config = EnvConfig(**kwargs)
-    resources = resources or get_resources(config)
-    n = len(episode_split(config, resources.dataset))
-    saved = policy.temperature
-    policy.temperature = 0.0
-    try:
-        recs = evaluate_agent(policy, kwargs, episode_options(n, n_users, 0), batch_size=min(8, n_users),
-                              progress=False, resources=resources)  # fmt: skip
-    finally:
-        policy.temperature = saved
-    s = summarize(recs)
-    return {f"val_{k}": s[k] for k in ("recall@10", "ndcg@10", "format_fail", "calls")}
-
-
 def _stats_row(rec, keys: list[str]) -> list[float]:
     return [rec.reward, float(bool(rec.format_errors)), float(rec.calls), float(rec.tokens),
             *(float(rec.reward_components[k]) for k in keys)]  # fmt: skip
 
 
 def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = True) -> Path:
-    """Run one stage: rollouts, advantages, update; log every step, checkpoint every step, resume if stopped.
+    """Run one stage: rollouts, advantages, update; log and checkpoint every step; resume if stopped.
 
     Runs in one process, or in several under ``accelerate launch`` (DDP, DeepSpeed or FSDP, per the
     accelerate config): each process rolls out ``users_per_step / num_processes`` of the step's users,
@@ -444,121 +339,32 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
 
     Returns the checkpoint folder (``args.out/checkpoint``).
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from agents.llm import LLMPolicy, load_causal_lm
-    from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
-
-    if args.rollout_engine == "vllm":
-        from agents.vllm_engine import require_vllm
-
-        require_vllm()  # before anything is loaded
-    accelerator = Accelerator(cpu=torch.device(args.device).type == "cpu")
+    accelerator = _accelerator(args)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if args.users_per_step % world:
-        raise ValueError(f"users_per_step={args.users_per_step} must be a multiple of the {world} processes")
-    device = str(accelerator.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint"
-    log_path = out / "log.jsonl"
-    start = 0
-    source = args.model
-    history: list[dict] = []  # the log of completed steps; it travels inside the checkpoint
+    ckpt, log_path = out / "checkpoint", out / "log.jsonl"
     if main:
-        recover_checkpoint(ckpt)
+        recover_checkpoint(ckpt)  # a kill between a checkpoint's two renames
     accelerator.wait_for_everyone()
-    if (ckpt / "trainer_state.json").is_file():  # resume
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        start = state["step"]
-        history = state.get("log", read_log(log_path, before=start))
-        source = str(ckpt)
-    model, tok = load_causal_lm(source, device=device, dtype=args.dtype, trainable_adapter=True)
-    if args.lora_r > 0 and not hasattr(model, "peft_config"):
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as e:
-            raise ImportError("LoRA needs peft: pip install peft") from e
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM"))
-    ref_model = None
-    if args.kl_coef > 0:
-        ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)
-        ref_model.requires_grad_(False)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
-    if _deepspeed(accelerator):  # one optimiser step per train step, clipped at args.grad_clip, inside the engine
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        local = args.users_per_step // world * args.group_size
-        if local % args.mini_batches:
-            raise ValueError(f"DeepSpeed: {local} trajectories per process do not split into {args.mini_batches} "
-                             "equal mini-batches")  # fmt: skip
-        ds["gradient_accumulation_steps"] = -(-(local // args.mini_batches) // args.micro_batch)
-        ds["gradient_clipping"] = args.grad_clip
-    if start and (ckpt / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if start and (ckpt / "engine").is_dir():
-        accelerator.load_state(str(ckpt / "engine"))
-    if main:  # the log is exactly the completed steps' lines (after a kill: what the checkpoint holds)
-        write_log(log_path, history)
-    env_kwargs = args.env_kwargs(args.stage, env_kwargs)
-    resources = get_resources(EnvConfig(**env_kwargs))  # built once: rollouts, difficulty filter, validation
-    envs = [DeepRecEnv(resources=resources, **env_kwargs) for _ in range(args.rollout_batch)]
-    users = training_users(envs[0], args)
-    if len(users) < world:
-        raise ValueError(
-            f"{len(users)} training users have their target in the TRM's top-{args.difficulty_top}; "
-            f"need at least {world}: raise difficulty_top"
-        )
-    engine = None
-    if args.rollout_engine == "vllm":
-        from agents.vllm_engine import VLLMEngine, engine_model_path
-
-        engine = VLLMEngine(engine_model_path(args.model), dtype=args.dtype, seed=args.seed + rank,
-                            gpu_memory_utilization=args.vllm_gpu_memory, distributed=world > 1)  # fmt: skip
-        engine.load_weights(accelerator.unwrap_model(model))  # a resumed or LoRA model differs from the files
-    policy = LLMPolicy(accelerator.unwrap_model(model), tok, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, name="grpo",
-                       engine=engine)  # fmt: skip
+    start, history, resume_from = run_state(out)  # history: the log of completed steps
+    model, tok, optimizer, ref_model = _trainable_model(args, accelerator, resume_from)
+    if main:
+        write_log(log_path, history)  # exactly the completed steps' lines
+    env_kwargs, resources, envs, users = _training_environment(args, env_kwargs, world)
+    policy = _rollout_policy(args, accelerator, model, tok)
     for step in tqdm(range(start, args.steps), desc=f"{args.stage}", disable=not (progress and main), initial=start,
                      total=args.steps):  # fmt: skip
         t0 = time.perf_counter()
-        rng = _step_rng(args.seed, step)  # the same draw on every process
-        seed = int(rng.integers(2**62))
-        n_users = min(args.users_per_step, len(users)) // world * world
-        chosen = rng.choice(users, size=n_users, replace=False)
-        policy.generator.manual_seed(seed + rank)
-        policy.model.eval()  # the unwrapped model: the one that generates
-        rollouts = collect_rollouts(policy, envs, [int(u) for u in chosen[rank::world]], args.group_size)
-        local = torch.as_tensor(group_rewards(rollouts, args.group_size), device=accelerator.device)
-        rewards = accelerator.gather(local).cpu().numpy()  # (n_users, G), process by process
-        adv = compute_advantages(rewards, args.whiten)[rank * len(local) : (rank + 1) * len(local)].reshape(-1)
+        rollouts = _rollouts(policy, envs, users, args, step, rank, world)  # 1. sample G episodes per user
+        adv = _advantages(rollouts, args, accelerator)  # 2. group baseline, global whitening
         stats = train_step(model, optimizer, rollouts, adv, args, tok.pad_token_id, ref_model, accelerator,
-                           rng=np.random.default_rng([args.seed, step, 1]))  # fmt: skip
-        if engine is not None:
-            engine.load_weights(accelerator.unwrap_model(model))  # the next rollouts sample the updated policy
-        keys = sorted(rollouts[0].record.reward_components)
-        rows = torch.tensor([_stats_row(r.record, keys) for r in rollouts], device=accelerator.device)
-        rows = accelerator.gather(rows).cpu().numpy().mean(axis=0)
-        totals = accelerator.reduce(torch.tensor([stats["loss"], stats["kl"], stats["policy_tokens"]],
-                                                 dtype=torch.float64, device=accelerator.device), "sum")  # fmt: skip
-        entry = {
-            "step": step,
-            "stage": args.stage,
-            "reward": float(rows[0]),
-            **{f"reward_{k}": float(v) for k, v in zip(keys, rows[4:], strict=True)},
-            "format_fail": float(rows[1]),
-            "calls": float(rows[2]),
-            "tokens": float(rows[3]),
-            "loss": float(totals[0]) / world,
-            "grad_norm": stats["grad_norm"],
-            "kl": float(totals[1]) / world,
-            "policy_tokens": int(totals[2]),
-            "updates": stats["updates"],
-            "clip_fraction": stats["clip_fraction"],
-            "sampler_gap": stats["sampler_gap"],
-            "processes": world,
-        }
+                           rng=np.random.default_rng([args.seed, step, 1]))  # 3. update  # fmt: skip
+        if policy.engine is not None:
+            policy.engine.load_weights(accelerator.unwrap_model(model))  # the next rollouts sample the new policy
+        entry = _log_entry(step, args, rollouts, stats, accelerator)  # 4. log, validate, checkpoint
         if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             policy.model.eval()
             entry.update(validate(policy, env_kwargs, args.val_users, resources))
@@ -575,27 +381,147 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     return ckpt
 
 
-def plot_curves(log_path: Path, png: Path) -> None:
-    """Reward, calls and format-failure curves of a run (one PNG)."""
-    import matplotlib
+def _accelerator(args: GRPOArgs):
+    """The accelerate ``Accelerator`` of the run (one process, or one per ``accelerate launch`` rank)."""
+    from accelerate import Accelerator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if args.rollout_engine == "vllm":
+        from agents.vllm_engine import require_vllm
 
-    rows = read_log(Path(log_path))
-    if not rows:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    stages = list(dict.fromkeys(r.get("stage", "") for r in rows))
-    for ax, key in zip(axes, ("reward", "calls", "format_fail"), strict=True):
-        for stage in stages:  # one line per stage: the stages' rewards are on different scales
-            part = [r for r in rows if r.get("stage", "") == stage]
-            ax.plot([r["step"] for r in part], [r[key] for r in part], marker="o", label=stage)
-        ax.set_title(key)
-        if len(stages) > 1:
-            ax.legend(fontsize=8)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+        require_vllm()  # before anything is loaded
+    accelerator = Accelerator(cpu=torch.device(args.device).type == "cpu")
+    if args.users_per_step % accelerator.num_processes:
+        raise ValueError(
+            f"users_per_step={args.users_per_step} must be a multiple of the {accelerator.num_processes} processes"
+        )
+    return accelerator
+
+
+def _trainable_model(args: GRPOArgs, accelerator, resume_from: Path | None):
+    """The policy (LoRA-wrapped if asked), its tokenizer, optimizer (state restored) and the KL reference."""
+    from agents.llm import load_causal_lm
+
+    device, world = str(accelerator.device), accelerator.num_processes
+    model, tok = load_causal_lm(str(resume_from or args.model), device=device, dtype=args.dtype,
+                                trainable_adapter=True)  # fmt: skip
+    if args.lora_r > 0 and not hasattr(model, "peft_config"):
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ImportError("LoRA needs peft: pip install peft") from e
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM"))
+    ref_model = None
+    if args.kl_coef > 0:
+        ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)
+        ref_model.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
+    if _deepspeed(accelerator):  # one optimiser step per mini-batch, clipped at args.grad_clip, inside the engine
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        local = args.users_per_step // world * args.group_size
+        if local % args.mini_batches:
+            raise ValueError(f"DeepSpeed: {local} trajectories per process do not split into {args.mini_batches} "
+                             "equal mini-batches")  # fmt: skip
+        ds["gradient_accumulation_steps"] = -(-(local // args.mini_batches) // args.micro_batch)
+        ds["gradient_clipping"] = args.grad_clip
+    if resume_from is not None and (resume_from / "optimizer.pt").is_file():
+        state = torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None and (resume_from / "engine").is_dir():
+        accelerator.load_state(str(resume_from / "engine"))
+    return model, tok, optimizer, ref_model
+
+
+def _training_environment(args: GRPOArgs, env_kwargs: dict | None, world: int):
+    """The stage's env settings, shared resources, the envs that roll out in lock step, and the users."""
+    from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
+
+    env_kwargs = args.env_kwargs(args.stage, env_kwargs)
+    resources = get_resources(EnvConfig(**env_kwargs))  # built once: rollouts, difficulty filter, validation
+    envs = [DeepRecEnv(resources=resources, **env_kwargs) for _ in range(args.rollout_batch)]
+    users = training_users(envs[0], args)
+    if len(users) < world:
+        raise ValueError(
+            f"{len(users)} training users have their target in the TRM's top-{args.difficulty_top}; "
+            f"need at least {world}: raise difficulty_top"
+        )
+    return env_kwargs, resources, envs, users
+
+
+def _rollout_policy(args: GRPOArgs, accelerator, model, tok):
+    """The sampling policy over the model being trained (through a vLLM engine if asked)."""
+    from agents.llm import LLMPolicy
+
+    engine = None
+    if args.rollout_engine == "vllm":
+        from agents.vllm_engine import VLLMEngine, engine_model_path
+
+        engine = VLLMEngine(engine_model_path(args.model), dtype=args.dtype, seed=args.seed + accelerator.process_index,
+                            gpu_memory_utilization=args.vllm_gpu_memory,
+                            distributed=accelerator.num_processes > 1)  # fmt: skip
+        engine.load_weights(accelerator.unwrap_model(model))  # a resumed or LoRA model differs from the files
+    return LLMPolicy(accelerator.unwrap_model(model), tok, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, name="grpo",
+                     engine=engine)  # fmt: skip
+
+
+def _rollouts(policy, envs, users: np.ndarray, args: GRPOArgs, step: int, rank: int, world: int) -> list[Rollout]:
+    """This process's share of the step's users, ``group_size`` sampled episodes each (seeded by step)."""
+    rng = _step_rng(args.seed, step)  # the same draw on every process
+    seed = int(rng.integers(2**62))
+    n_users = min(args.users_per_step, len(users)) // world * world
+    chosen = rng.choice(users, size=n_users, replace=False)
+    policy.generator.manual_seed(seed + rank)
+    policy.model.eval()  # the unwrapped model: the one that generates
+    return collect_rollouts(policy, envs, [int(u) for u in chosen[rank::world]], args.group_size)
+
+
+def _advantages(rollouts: list[Rollout], args: GRPOArgs, accelerator) -> np.ndarray:
+    """This process's advantages, whitened over every process's rewards."""
+    local = torch.as_tensor(group_rewards(rollouts, args.group_size), device=accelerator.device)
+    rewards = accelerator.gather(local).cpu().numpy()  # (n_users, G), process by process
+    rank = accelerator.process_index
+    return compute_advantages(rewards, args.whiten)[rank * len(local) : (rank + 1) * len(local)].reshape(-1)
+
+
+def _log_entry(step: int, args: GRPOArgs, rollouts: list[Rollout], stats: dict, accelerator) -> dict:
+    """The step's log line: episode statistics averaged over every process, and the update's."""
+    world = accelerator.num_processes
+    keys = sorted(rollouts[0].record.reward_components)
+    rows = torch.tensor([_stats_row(r.record, keys) for r in rollouts], device=accelerator.device)
+    rows = accelerator.gather(rows).cpu().numpy().mean(axis=0)
+    totals = accelerator.reduce(torch.tensor([stats["loss"], stats["kl"], stats["policy_tokens"]],
+                                             dtype=torch.float64, device=accelerator.device), "sum")  # fmt: skip
+    return {
+        "step": step,
+        "stage": args.stage,
+        "reward": float(rows[0]),
+        **{f"reward_{k}": float(v) for k, v in zip(keys, rows[4:], strict=True)},
+        "format_fail": float(rows[1]),
+        "calls": float(rows[2]),
+        "tokens": float(rows[3]),
+        "loss": float(totals[0]) / world,
+        "grad_norm": stats["grad_norm"],
+        "kl": float(totals[1]) / world,
+        "policy_tokens": int(totals[2]),
+        "updates": stats["updates"],
+        "clip_fraction": stats["clip_fraction"],
+        "sampler_gap": stats["sampler_gap"],
+        "processes": world,
+    }
+
+
+def main(argv=None) -> None:
+    """CLI: ``python -m agents.grpo`` takes every :class:`GRPOArgs` field (one stage; see agents.curriculum)."""
+    import argparse
+
+    from deeprec_env.cli import add_dataclass_args, from_args
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(ap, GRPOArgs)
+    args = from_args(GRPOArgs, ap.parse_args(argv))
+    print(f"checkpoint: {train(args)}")
+
+
+if __name__ == "__main__":
+    main()

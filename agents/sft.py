@@ -160,8 +160,8 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     """
     from tqdm.auto import tqdm
 
-    from agents.grpo import save_checkpoint
     from agents.llm import load_causal_lm
+    from agents.runs import save_checkpoint
 
     out = Path(args.out)
     ckpt = out / "checkpoint"

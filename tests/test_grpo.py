@@ -232,3 +232,13 @@ def test_two_processes_under_torchrun(tmp_path, tiny_lm_path, tiny_encoder_path,
     digests = {(out / f"rank{r}.txt").read_text() for r in (0, 1)}
     assert len(digests) == 1  # gradients were averaged: both processes hold the same updated weights
     assert digests != {(out / "initial.txt").read_text()}
+
+
+def test_grpo_module_has_a_cli(capsys):
+    from agents.grpo import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--mini-batches" in text and "--top-k" in text and "--stage" in text

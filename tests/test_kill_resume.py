@@ -77,7 +77,7 @@ def _die_between_renames(grpo):
             if seen[0] == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    grpo.os.replace = replace
+    os.replace = replace  # this (child) process only
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,171 @@
+"""What a training run leaves behind, shared by the RL stages and the warm start.
+
+Checkpoints (:func:`save_checkpoint`, :func:`recover_checkpoint`), the run's log (:func:`read_log`,
+:func:`write_log`), greedy validation on fixed users (:func:`validate`) and the curves (:func:`plot_curves`).
+A log line is committed inside its step's checkpoint (``trainer_state.json["log"]``), so a killed run loses
+at most the step in flight (``docs/design.md``, "Bad input, caches and kills").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from deeprec_env.storage import atomic_write
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator is not None and accelerator.distributed_type.name == "DEEPSPEED"
+
+
+def _sharded(accelerator) -> bool:
+    """True when the engine shards weights or optimizer state (DeepSpeed, FSDP)."""
+    return accelerator is not None and accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+
+
+def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, accelerator=None,
+                    extra: dict | None = None) -> None:  # fmt: skip
+    """Model, tokenizer, optimizer state and step, written to a temporary folder then renamed.
+
+    Under ``accelerate`` every process calls this: sharded engines (DeepSpeed, FSDP) gather the
+    weights and save their optimizer shards (``engine/``, via ``accelerator.save_state``); the main
+    process writes the rest. A LoRA model saves its adapter only (``load_causal_lm`` reloads it).
+    ``extra`` is added to ``trainer_state.json`` (inside the same atomic rename).
+    """
+    main = accelerator is None or accelerator.is_main_process
+    sharded = _sharded(accelerator)
+    tmp = path.parent / f".{path.name}.tmp"
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    try:
+        state = accelerator.get_state_dict(model) if sharded else None  # collective
+        if sharded:
+            accelerator.save_state(str(tmp / "engine"))  # collective
+        if main:
+            unwrapped = model if accelerator is None else accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp, **({"state_dict": state} if sharded else {}))
+            tokenizer.save_pretrained(tmp)
+            if not sharded:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            trainer_state = {"step": step, "args": asdict(args), **(extra or {})}
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def recover_checkpoint(path: Path) -> None:
+    """Finish or undo a checkpoint replacement that a kill interrupted (see :func:`save_checkpoint`).
+
+    The previous checkpoint is renamed aside before the new one takes its name; a kill between the two
+    renames leaves only the aside copy, which is put back (the step in flight is lost, nothing else).
+    """
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and (old / "trainer_state.json").is_file():
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(path.with_name(f".{path.name}.tmp"), ignore_errors=True)
+
+
+def read_log(path: Path, before: int | None = None) -> list[dict]:
+    """The JSON lines of a run's log (a torn last line, from a kill mid-write, is dropped).
+
+    ``before``: keep the steps below it only.
+    """
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if before is None or row.get("step", 0) < before:
+                rows.append(row)
+    return rows
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    """Write a run's log as JSON lines, atomically (a reader never sees a torn line)."""
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
+    """Greedy Recall/NDCG on a fixed subset of the validation episodes (``rollout.VALIDATION_EPISODES``).
+
+    The subset is the first ``n_users`` of a seeded order.
+    """
+    from agents.evaluate import episode_options, evaluate_agent, summarize
+    from agents.rollout import VALIDATION_EPISODES
+    from deeprec_env.env import EnvConfig, episode_split, get_resources
+
+    kwargs = {**env_kwargs, **VALIDATION_EPISODES}
+    config = EnvConfig(**kwargs)
+    resources = resources or get_resources(config)
+    n = len(episode_split(config, resources.dataset))
+    saved = policy.temperature
+    policy.temperature = 0.0
+    try:
+        recs = evaluate_agent(policy, kwargs, episode_options(n, n_users, 0), batch_size=min(8, n_users),
+                              progress=False, resources=resources)  # fmt: skip
+    finally:
+        policy.temperature = saved
+    s = summarize(recs)
+    return {f"val_{k}": s[k] for k in ("recall@10", "ndcg@10", "format_fail", "calls")}
+
+
+def run_state(out: Path) -> tuple[int, list[dict], Path | None]:
+    """Where a run in ``out`` stands: ``(next step, log of completed steps, checkpoint to resume from)``.
+
+    Call :func:`recover_checkpoint` first (on one process). The log comes from the checkpoint (or, for a
+    run written before logs travelled with checkpoints, from ``log.jsonl``'s lines below that step).
+    """
+    ckpt = out / "checkpoint"
+    state_file = ckpt / "trainer_state.json"
+    if not state_file.is_file():
+        return 0, [], None
+    state = json.loads(state_file.read_text())
+    return state["step"], state.get("log", read_log(out / "log.jsonl", before=state["step"])), ckpt
+
+
+def plot_curves(log_path: Path, png: Path) -> None:
+    """Reward, calls and format-failure curves of a run (one PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(Path(log_path))
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    stages = list(dict.fromkeys(r.get("stage", "") for r in rows))
+    for ax, key in zip(axes, ("reward", "calls", "format_fail"), strict=True):
+        for stage in stages:  # one line per stage: the stages' rewards are on different scales
+            part = [r for r in rows if r.get("stage", "") == stage]
+            ax.plot([r["step"] for r in part], [r[key] for r in part], marker="o", label=stage)
+        ax.set_title(key)
+        if len(stages) > 1:
+            ax.legend(fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
