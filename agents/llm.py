@@ -171,6 +171,8 @@ class LLMPolicy(Policy):
         name: label in result tables.
         engine: an optional rollout engine (:class:`agents.vllm_engine.VLLMEngine`) that generates the
             segments instead of ``model.generate``; ``model`` stays the policy being trained.
+        kv_cache: keep each episode's KV cache across segments (:mod:`agents.kv`): only new tokens are
+            processed between segments. False: every segment runs ``model.generate`` on the whole context.
     """
 
     def __init__(
@@ -187,6 +189,7 @@ class LLMPolicy(Policy):
         seed: int = 0,
         name: str | None = None,
         engine=None,
+        kv_cache: bool = True,
     ) -> None:
         import torch
 
@@ -214,6 +217,7 @@ class LLMPolicy(Policy):
         self.top_k = top_k
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.engine = engine
+        self.kv_cache = kv_cache
 
     # -- episode state -------------------------------------------------------------------------
 
@@ -247,7 +251,10 @@ class LLMPolicy(Policy):
             if not state["fresh"] and obs:
                 state["traj"].extend(self._encode(obs), policy=False)
             state["fresh"] = False
-        outs = self.generate([s["traj"].ids for s in states], [s["stops"] for s in states])
+        if self.kv_cache and self.engine is None:
+            outs = self._kv_generate(states)
+        else:
+            outs = self.generate([s["traj"].ids for s in states], [s["stops"] for s in states])
         texts = []
         for state, (ids, logps, text) in zip(states, outs, strict=True):
             state["traj"].extend(ids, policy=True, logprobs=logps)
@@ -262,15 +269,54 @@ class LLMPolicy(Policy):
         engine. Returns ``(token_ids, logprobs, text)`` per context; the text ends with the stop string.
         """
         raw = self._engine_generate(contexts, stops) if self.engine is not None else self._hf_generate(contexts, stops)
-        eos = set(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist()) | {
+        return self._cut(raw, stops)
+
+    def _eos(self) -> set[int]:
+        return set(np.atleast_1d(self.model.generation_config.eos_token_id or []).tolist()) | {
             self.tokenizer.eos_token_id
         }
+
+    def _cut(self, raw, stops: list[tuple[str, ...]]):
+        """``(ids, logprobs, text)`` per segment, cut before the first EOS and after the first stop string."""
+        eos = self._eos()
         results = []
         for (ids, lp), stop in zip(raw, stops, strict=True):
             cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
             cut = self._stop_cut(ids[:cut], stop)
             ids, lp = ids[:cut], lp[:cut]
             results.append((ids, lp, self.tokenizer.decode(ids, skip_special_tokens=False)))
+        return results
+
+    def _kv_generate(self, states: list[dict]):
+        """One segment per episode over the episodes' shared KV cache (:class:`agents.kv.KVBatch`)."""
+        import torch
+
+        from agents.kv import KVBatch
+
+        batch = states[0].get("kv")
+        if batch is None or any(s.get("kv") is not batch for s in states):
+            batch = KVBatch(self.model, self.tokenizer.pad_token_id)  # new episodes: a new batch
+            batch.attach(states)
+        else:
+            batch.select(states)  # episodes that ended are dropped
+        eos, stops = self._eos(), [s["stops"] for s in states]
+
+        def done(row: int, ids: list[int]) -> bool:
+            if ids[-1] in eos:
+                return True
+            tail = self.tokenizer.decode(ids[-64:], skip_special_tokens=False)
+            return any(stop in tail for stop in stops[row])
+
+        # the same seeding as the model.generate path: one draw from the policy's generator per call
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            logits = batch.feed([s["traj"] for s in states])
+            raw = batch.sample(logits, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                               top_k=self.top_k, top_p=self.top_p, done_fn=done)  # fmt: skip
+        results = self._cut(raw, stops)
+        batch.keep([len(ids) for ids, _, _ in results])
         return results
 
     def _engine_generate(self, contexts: list[list[int]], stops: list[tuple[str, ...]]):

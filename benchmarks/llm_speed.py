@@ -7,6 +7,7 @@ python -m benchmarks.llm_speed --model Qwen/Qwen2.5-0.5B-Instruct --device cuda 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from agents.base import run_episodes
@@ -18,20 +19,36 @@ from deeprec_env.threads import thread_settings
 
 
 def measure(policy: LLMPolicy, env_kwargs: dict, episodes: int, seed: int = 0) -> list[dict]:
-    """Seconds per episode and generated tokens/s, one episode at a time and as one batch."""
+    """Seconds per episode and generated tokens/s in three modes.
+
+    One at a time, and as one batch with and without the KV cache across segments (``agents.kv``); every
+    mode plays the same episodes with the same seed.
+    """
     envs = [DeepRecEnv(**env_kwargs) for _ in range(episodes)]
     options = episode_options(len(envs[0].split), episodes, seed)
-    rows = []
-    for mode, batch in (("one at a time", 1), (f"batch of {episodes}", episodes)):
+    rows, segments = [], {}
+    modes = (
+        ("one at a time, KV cache across segments", 1, True),
+        (f"batch of {episodes}, whole context each segment (model.generate)", episodes, False),
+        (f"batch of {episodes}, KV cache across segments", episodes, True),
+    )
+    for mode, batch, kv in modes:
+        policy.kv_cache = kv
+        policy.generator.manual_seed(seed)
         t = time.perf_counter()
         records = []
         for s in range(0, episodes, batch):
             records += run_episodes(policy, envs[s : s + batch], options[s : s + batch])
         wall = time.perf_counter() - t
         tokens = sum(r.tokens for r in records)
+        segments[mode] = [r.extra["segments"] for r in records]
         rows.append({"mode": mode, "episodes": len(records), "s/episode": wall / len(records),
-                     "generated tokens/s": tokens / wall, "tokens/episode": tokens / len(records)})  # fmt: skip
+                     "generated tokens/s": tokens / wall, "tokens/episode": tokens / len(records),
+                     "segments/episode": sum(len(x) for x in segments[mode]) / len(records)})  # fmt: skip
         print(rows[-1], flush=True)
+    a, b = segments[modes[1][0]], segments[modes[2][0]]
+    rows[2]["same segments as model.generate"] = "yes" if a == b else "no"
+    rows[2]["speed-up"] = f"{rows[1]['s/episode'] / rows[2]['s/episode']:.2f}x"
     return rows
 
 
@@ -46,15 +63,22 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     policy = LLMPolicy(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
-    rows = measure(policy, {"prompt": "chat"}, args.episodes, args.seed)
+    # feedback mode: a segment that neither calls nor answers gets a message and the episode goes on, so
+    # even a zero-shot model plays multi-turn episodes (up to 4 segments)
+    rows = measure(policy, {"prompt": "chat", "invalid_action": "feedback"}, args.episodes, args.seed)
     protocol = {
         "model": f"{args.model}, greedy, max {args.max_new_tokens} new tokens per segment",
         "device": f"{args.device}, {args.dtype}",
-        "episodes": f"{args.episodes} ml-100k test users (seeded order {args.seed}), chat prompt, default env",
+        "episodes": f"{args.episodes} ml-100k test users (seeded order {args.seed}), chat prompt, "
+        "invalid_action='feedback' (an invalid segment gets a message and the episode goes on, so even a "
+        "zero-shot model plays several segments)",
+        "load": f"1-minute load average {os.getloadavg()[0]:.2f} at start on {os.cpu_count()} cores (a shared "
+        "machine: other work may run)",
         "note": "wall time includes prompt processing, generation and the environment",
         "threads": f"LLM: torch {thread_settings()['torch threads (process)']} (the process's); env: 1 (its default)",
     }
-    text = f"## LLM policy speed\n\n{markdown_table(rows, list(rows[0]), fmt='{:.2f}')}\n\nProtocol:\n"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = f"## LLM policy speed\n\n{markdown_table(rows, columns, fmt='{:.2f}')}\n\nProtocol:\n"
     text += protocol_text(protocol) + "\n"
     print(text)
     write_results("llm_speed", {"benchmark": "llm_speed", "protocol": protocol, **environment(), "rows": rows},

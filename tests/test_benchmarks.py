@@ -41,8 +41,10 @@ def test_llm_speed_smoke(tiny_lm_path, env_kwargs, resources):
     from agents.llm import LLMPolicy
     from benchmarks.llm_speed import measure
 
-    rows = measure(LLMPolicy(str(tiny_lm_path), max_new_tokens=4), env_kwargs, episodes=2)
-    assert [r["episodes"] for r in rows] == [2, 2] and all(r["s/episode"] > 0 for r in rows)
+    rows = measure(LLMPolicy(str(tiny_lm_path), max_new_tokens=4), {**env_kwargs, "invalid_action": "feedback"},
+                   episodes=2)  # fmt: skip
+    assert [r["episodes"] for r in rows] == [2, 2, 2] and all(r["s/episode"] > 0 for r in rows)
+    assert rows[2]["same segments as model.generate"] == "yes"
 
 
 def test_report_section_reproduces_result_files(tmp_path):

@@ -24,6 +24,7 @@ def test_policy_mask_marks_exactly_the_env_tokens(policy, make_env, monkeypatch)
     prompt_ids = list(state["traj"].ids)
     call = "I see dramas. <|begin_of_preference|> drama <|end_of_preference|>"
     call_ids = policy.tokenizer(call, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(policy, "kv_cache", False)  # the path through generate (tests/test_kv.py: the same marks)
     monkeypatch.setattr(policy, "generate", lambda ctx, stops: [(call_ids, [-0.5] * len(call_ids), call)])
     seg = policy.act_batch([state], [obs])[0]
     obs2, *_ = env.step(seg)

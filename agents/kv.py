@@ -1,0 +1,141 @@
+"""Multi-turn generation that keeps each episode's KV cache across segments.
+
+A lock-step batch of episodes shares one batched ``DynamicCache``. Between two segments only the new
+tokens are run through the model: the rest of the last generated segment and the item list the
+environment inserted. Rows grow by different amounts, so every appended chunk is right-aligned and
+padded on its left; padding, and generated tokens cut after a stop string or EOS, stay in the cache as
+holes that the attention mask hides, and position ids count only real tokens, so each token sees exactly
+the context (and position) it has in the trajectory. The tokens and marks are those of
+``model.generate`` on the whole context (``tests/test_kv.py`` compares them).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from agents.rollout import sampling_logits
+
+
+class KVBatch:
+    """Episodes (rows) generating in lock step over one batched KV cache.
+
+    Args:
+        model: the causal LM.
+        pad_id: token id written into holes (never attended to).
+    """
+
+    def __init__(self, model, pad_id: int) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache()
+        forward = getattr(model, "get_base_model", lambda: model)().forward
+        self._cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.states: list = []
+        self.fed: list[int] = []
+        """Per row: how many of its trajectory's tokens are in the cache."""
+        self._slots: list[list[int]] = []
+
+    def attach(self, states: list) -> None:
+        """Start the batch with these (new) episodes."""
+        self.states = list(states)
+        self.fed = [0] * len(states)
+        self.mask = torch.zeros((len(states), 0), dtype=torch.long, device=self.device)
+        for s in states:
+            s["kv"] = self
+
+    def select(self, states: list) -> None:
+        """Keep only the rows of ``states`` (episodes that ended are dropped), in that order."""
+        rows = [next(i for i, s in enumerate(self.states) if s is st) for st in states]
+        if rows != list(range(len(self.states))):
+            index = torch.as_tensor(rows, device=self.device)
+            if self.cache.get_seq_length() > 0:
+                self.cache.batch_select_indices(index)
+            self.mask = self.mask[index]
+            self.states = [self.states[i] for i in rows]
+            self.fed = [self.fed[i] for i in rows]
+
+    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Run ``ids`` (B, W) through the model after the cached tokens; logits of the last column."""
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        # transformers >= 5.2x names the cache argument ``cache``; earlier versions ``past_key_values``
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{self._cache_arg: self.cache})  # fmt: skip
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
+        return out.logits[:, -1].float()
+
+    def feed(self, trajectories: list) -> torch.Tensor:
+        """Append every row's tokens that are not in the cache yet; next-token logits ``(B, V)``."""
+        chunks = [t.ids[f:] for t, f in zip(trajectories, self.fed, strict=True)]
+        width = max(len(c) for c in chunks)
+        if width == 0:
+            raise RuntimeError("no new tokens to feed: every row is already up to date")
+        if min(len(c) for c in chunks) == 0:
+            raise RuntimeError("a row has no new tokens (an episode continued without an observation)")
+        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long, device=self.device)
+        new_mask = torch.zeros((len(chunks), width), dtype=torch.long, device=self.device)
+        for r, c in enumerate(chunks):  # right-aligned: the last column is every row's newest token
+            ids[r, width - len(c) :] = torch.as_tensor(c, device=self.device)
+            new_mask[r, width - len(c) :] = 1
+        self.fed = [len(t.ids) for t in trajectories]
+        return self._forward(ids, new_mask)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        done_fn,
+    ) -> list[tuple[list[int], list[float]]]:
+        """Generate up to ``max_new_tokens`` per row, feeding each token back; ``(ids, logprobs)`` per row.
+
+        Sampling draws from the global torch generator exactly as transformers' sampling loop does (one
+        ``multinomial`` over the whole batch per step), so a caller that seeds it gets the same draws.
+        ``done_fn(row, ids)`` says whether a row has finished (EOS or a stop string).
+        """
+        n = logits.shape[0]
+        ids: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[float]] = [[] for _ in range(n)]
+        done = [False] * n
+        self._slots = [[] for _ in range(n)]
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                scores = sampling_logits(logits, temperature, top_k, top_p)
+                token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+            else:
+                scores = logits
+                token = scores.argmax(-1)
+            logp = scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(1)
+            active = [not d for d in done]
+            for r in range(n):
+                if active[r]:
+                    ids[r].append(int(token[r]))
+                    lps[r].append(float(logp[r]))
+                    done[r] = done_fn(r, ids[r])
+            if all(done):
+                break  # the last tokens are fed with the next chunk, if the episode goes on
+            column = torch.where(torch.as_tensor(active, device=self.device), token, self.pad_id)[:, None]
+            col_mask = torch.as_tensor(active, dtype=torch.long, device=self.device)[:, None]
+            for r in range(n):
+                if active[r]:
+                    self._slots[r].append(self.mask.shape[1])  # the column this token takes
+            logits = self._forward(column, col_mask)
+        return list(zip(ids, lps, strict=True))
+
+    def keep(self, kept: list[int]) -> None:
+        """After cutting each row's segment to ``kept[r]`` tokens: hide the cached tokens beyond the cut."""
+        for r, k in enumerate(kept):
+            slots = self._slots[r]
+            for col in slots[k:]:
+                self.mask[r, col] = 0
+            self.fed[r] += min(k, len(slots))

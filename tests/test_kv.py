@@ -1,0 +1,44 @@
+"""The KV-cache rollout path gives the tokens, marks and log-probs of model.generate on the whole context."""
+
+import pytest
+import torch
+
+from agents.base import play_episodes
+from agents.llm import LLMPolicy, load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_path):
+    return load_causal_lm(str(tiny_lm_path))
+
+
+def _play(lm, make_env, kv_cache: bool, temperature: float, n: int = 5, max_new_tokens: int = 12, varied=False):
+    model, tok = lm
+    policy = LLMPolicy(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, seed=3,
+                       kv_cache=kv_cache)  # fmt: skip
+    # feedback mode: invalid segments get a message and the episode goes on (several turns per episode)
+    limits = [1 + (i % 4 if varied else 2) for i in range(n)]
+    envs = [make_env(prompt="chat", prompt_history=3, invalid_action="feedback", max_invalid=m) for m in limits]
+    users = [int(u) for u in envs[0].split.users[:n]]
+    records, states = play_episodes(policy, envs, [{"user": u} for u in users])
+    return records, [s["traj"] for s in states]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_path_matches_generate(lm, make_env, temperature):
+    _, plain = _play(lm, make_env, False, temperature)
+    _, cached = _play(lm, make_env, True, temperature)
+    assert sum(len(t.segments) for t in plain) > len(plain)  # several turns per episode
+    for a, b in zip(plain, cached, strict=True):
+        assert a.segments == b.segments
+        assert a.ids == b.ids and a.policy_mask == b.policy_mask
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_kv_cache_batch_shrinks_as_episodes_end(lm, make_env):
+    """Episodes of different lengths in one batch: rows leave the cache as their episodes end."""
+    records, trajs = _play(lm, make_env, True, 1.0, n=6, max_new_tokens=20, varied=True)
+    lengths = {len(t.segments) for t in trajs}
+    assert len(lengths) > 1  # some episodes ended earlier than others
+    _, plain = _play(lm, make_env, False, 1.0, n=6, max_new_tokens=20, varied=True)
+    assert [t.ids for t in trajs] == [t.ids for t in plain]
