@@ -513,14 +513,9 @@ def _log_entry(step: int, args: GRPOArgs, rollouts: list[Rollout], stats: dict, 
 
 def main(argv=None) -> None:
     """CLI: ``python -m agents.grpo`` takes every :class:`GRPOArgs` field (one stage; see agents.curriculum)."""
-    import argparse
+    from deeprec_env.cli import parse_dataclass
 
-    from deeprec_env.cli import add_dataclass_args, from_args
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(ap, GRPOArgs)
-    args = from_args(GRPOArgs, ap.parse_args(argv))
-    print(f"checkpoint: {train(args)}")
+    print(f"checkpoint: {train(parse_dataclass(GRPOArgs, argv, __doc__))}")
 
 
 if __name__ == "__main__":

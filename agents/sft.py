@@ -229,14 +229,9 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
 
 def main(argv=None) -> None:
     """CLI: every :class:`SFTArgs` field."""
-    import argparse
+    from deeprec_env.cli import parse_dataclass
 
-    from deeprec_env.cli import add_dataclass_args, from_args
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(ap, SFTArgs)
-    args = from_args(SFTArgs, ap.parse_args(argv))
-    print(f"warm-start checkpoint: {train_sft(args)}")
+    print(f"warm-start checkpoint: {train_sft(parse_dataclass(SFTArgs, argv, __doc__))}")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,14 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path | None 
     js.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     md.write_text(markdown + "\n")
     return js, md
+
+
+def smoke_env_kwargs(encoder: str = "minilm") -> dict:
+    """Environment settings of a benchmark's ``--smoke`` run: synthetic data and a one-epoch tiny TRM."""
+    from deeprec_env.trm import TRMConfig
+
+    return {
+        "encoder": encoder,
+        "dataset": "synthetic",
+        "trm": TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=1),
+    }

@@ -25,7 +25,7 @@ import gymnasium as gym
 import numpy as np
 
 import deeprec_env  # noqa: F401
-from benchmarks.common import environment, markdown_table, protocol_text, write_results
+from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
 from deeprec_env.env import DeepRecEnv, RetrievalRequest
 from deeprec_env.protocol import answer_text, call_text
 from deeprec_env.threads import thread_settings
@@ -181,11 +181,8 @@ def main(argv=None) -> None:
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    kwargs: dict = {"encoder": args.encoder}
+    kwargs: dict = smoke_env_kwargs(args.encoder) if args.smoke else {"encoder": args.encoder}
     if args.smoke:
-        from deeprec_env.trm import TRMConfig
-
-        kwargs.update(dataset="synthetic", trm=TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=1))
         args.episodes, args.repeats, args.num_envs = 16, 1, 4
     threads_at_start = thread_settings()
     env = DeepRecEnv(**kwargs)

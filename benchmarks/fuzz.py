@@ -19,7 +19,7 @@ import gymnasium as gym
 from tqdm.auto import tqdm
 
 import deeprec_env  # noqa: F401
-from benchmarks.common import environment, markdown_table, protocol_text, write_results
+from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
 from deeprec_env.testing import fuzz_run
 
 COLUMNS = ["mode", "actions", "episodes", "invalid", "crashes", "hangs", "non-finite rewards",
@@ -35,11 +35,8 @@ def main(argv=None) -> None:
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    kwargs: dict = {"encoder": args.encoder}
+    kwargs: dict = smoke_env_kwargs(args.encoder) if args.smoke else {"encoder": args.encoder}
     if args.smoke:
-        from deeprec_env.trm import TRMConfig
-
-        kwargs.update(dataset="synthetic", trm=TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=1))
         args.actions = min(args.actions, 300)
     rows, raw = [], {}
     for mode in ("end", "feedback"):

@@ -63,6 +63,13 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
 
 
+def parse_dataclass(cls, argv: Sequence[str] | None, description: str | None):
+    """A ``cls`` instance from command-line options (one per field; ``python -m agents.grpo`` and friends)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(ap, cls)
+    return from_args(cls, ap.parse_args(argv))
+
+
 def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="ml-100k", help="ml-100k | ml-1m | amazon | atomic | synthetic")
     p.add_argument("--path", default=None, help="file or folder (all datasets but ml-100k and synthetic)")

@@ -89,3 +89,12 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     curriculum_cpu.main(["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path),
                          "--out", str(out), "--run", str(tmp_path / "run")])  # fmt: skip
     assert "wall clock" not in (out / "README.md").read_text()  # resumed: the time would not be the run's
+
+
+def test_fuzz_smoke(tmp_path, tiny_encoder_path):
+    from benchmarks import fuzz
+
+    fuzz.main(["--smoke", "--actions", "120", "--encoder", str(tiny_encoder_path), "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "fuzz_smoke.json").read_text())["runs"]
+    assert set(runs) == {"end", "feedback"}
+    assert all(r["actions"] == 120 and r["crashes"] == r["hangs"] == r["non_finite"] == 0 for r in runs.values())
