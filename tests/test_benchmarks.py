@@ -98,3 +98,13 @@ def test_fuzz_smoke(tmp_path, tiny_encoder_path):
     runs = json.loads((tmp_path / "fuzz_smoke.json").read_text())["runs"]
     assert set(runs) == {"end", "feedback"}
     assert all(r["actions"] == 120 and r["crashes"] == r["hangs"] == r["non_finite"] == 0 for r in runs.values())
+
+
+def test_train_step_gpu_smoke(tmp_path, tiny_encoder_path, tiny_lm_path):
+    from benchmarks import train_step_gpu
+
+    train_step_gpu.main(["--smoke", "--modes", "full,lora", "--encoder", str(tiny_encoder_path),
+                         "--tokenizer", str(tiny_lm_path), "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "train_step_gpu_smoke.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["full", "LoRA r=16"]
+    assert all(r["episodes/step"] == 4 and r["step s"] > 0 and r["policy tokens"] > 0 for r in rows)
