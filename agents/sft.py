@@ -155,22 +155,26 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool = True) -> Path:
     """Record demonstrations, fine-tune on them, save ``args.out/checkpoint``; returns that folder.
 
-    A finished checkpoint (``trainer_state.json`` with ``"done": true``) is reused, so re-running a
-    curriculum after a kill does not repeat the warm start.
+    Every optimiser step is checkpointed with its log line, so a killed warm start resumes at the step in
+    flight with the numbers of an uninterrupted run (the demonstrations and the shuffles are replayed from
+    the seed). A finished checkpoint (``trainer_state.json`` with ``"done": true``) is reused, so re-running
+    a curriculum does not repeat the warm start.
     """
     from tqdm.auto import tqdm
 
     from agents.llm import load_causal_lm
-    from agents.runs import save_checkpoint
+    from agents.runs import recover_checkpoint, run_state, save_checkpoint, write_log
 
     out = Path(args.out)
     ckpt = out / "checkpoint"
+    recover_checkpoint(ckpt)
     state_file = ckpt / "trainer_state.json"
     if state_file.is_file() and json.loads(state_file.read_text()).get("done"):
         return ckpt
     out.mkdir(parents=True, exist_ok=True)
+    start, history, resume_from = run_state(out)
     t0 = time.perf_counter()
-    model, tok = load_causal_lm(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load_causal_lm(str(resume_from or args.model), device=args.device, dtype=args.dtype)
     env_kwargs = args.env_kwargs("rec", env_kwargs)
     from deeprec_env.env import EnvConfig, episode_split, get_resources
 
@@ -183,14 +187,19 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
         raise ValueError(f"the teacher {args.teacher!r} produced no well-formed episode to learn from")
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
+    if resume_from is not None and (resume_from / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
     log_path = out / "log.jsonl"
-    log_path.write_text("")
+    write_log(log_path, history)  # exactly the completed steps' lines
     n_steps = args.epochs * -(-len(trajs) // args.batch)
-    bar = tqdm(total=n_steps, desc="warm start (SFT)", disable=not progress)
+    bar = tqdm(total=n_steps, desc="warm start (SFT)", disable=not progress, initial=start)
     step = 0
     for epoch in range(args.epochs):
-        order = rng.permutation(len(trajs))
+        order = rng.permutation(len(trajs))  # drawn for every epoch, resumed or not: the same shuffles
         for s in range(0, len(order), args.batch):
+            if step < start:  # done before the run was stopped
+                step += 1
+                continue
             ts = time.perf_counter()
             chunk = [trajs[i] for i in order[s : s + args.batch]]
             total = sum(sum(t.policy_mask) for t in chunk)
@@ -205,17 +214,19 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
                 loss_sum += float(loss.detach()) * n
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
             optimizer.step()
-            entry = {"step": step, "epoch": epoch, "loss": loss_sum / max(total, 1), "grad_norm": grad_norm,
-                     "policy_tokens": int(total), "seconds": time.perf_counter() - ts}  # fmt: skip
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            bar.set_postfix(loss=f"{entry['loss']:.3f}")
-            bar.update()
+            history.append({"step": step, "epoch": epoch, "loss": loss_sum / max(total, 1), "grad_norm": grad_norm,
+                            "policy_tokens": int(total), "seconds": time.perf_counter() - ts})  # fmt: skip
             step += 1
+            # the log line commits with the step's checkpoint: a kill loses at most the step in flight
+            save_checkpoint(ckpt, model, tok, optimizer, step, args, extra={"log": history})
+            write_log(log_path, history)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+            bar.update()
     bar.close()
     model.eval()
     summary = {
         "done": True,
+        "log": history,
         "demonstrations": len(trajs),
         "dropped": len(users) - len(trajs),
         "teacher_calls_mean": float(np.mean([r.calls for r in recs])),

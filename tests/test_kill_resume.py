@@ -162,3 +162,42 @@ def test_sft_killed_then_rerun_gives_the_uninterrupted_log(delay, tmp_path, tiny
     os.waitpid(pid, 0)
     assert _in_child(lambda: train_sft(_sft_args(run, tiny_lm_path), env_kwargs, progress=False)) == 0
     _assert_same(_log(run), _log(ref))
+
+
+def _sft_die_on_call(name, n):
+    def sabotage():
+        import agents.runs as runs
+
+        original, calls = getattr(runs, name), [0]
+
+        def wrapped(*a, **k):
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*a, **k)
+
+        setattr(runs, name, wrapped)
+
+    return sabotage
+
+
+@pytest.mark.parametrize(
+    "sabotage",
+    [_sft_die_on_call("write_log", 3), _sft_die_on_call("save_checkpoint", 2)],
+    ids=["between checkpoint and log", "inside the checkpoint write"],
+)
+def test_sft_resumes_at_the_step_in_flight(sabotage, tmp_path, tiny_lm_path, env_kwargs, resources):
+    from agents.sft import train_sft
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _in_child(lambda: train_sft(_sft_args(ref, tiny_lm_path), env_kwargs, progress=False)) == 0
+
+    def killed():
+        sabotage()
+        train_sft(_sft_args(run, tiny_lm_path), env_kwargs, progress=False)
+
+    assert _in_child(killed) == -signal.SIGKILL
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] >= 1 and not state.get("done")  # completed steps survive the kill
+    assert _in_child(lambda: train_sft(_sft_args(run, tiny_lm_path), env_kwargs, progress=False)) == 0
+    _assert_same(_log(run), _log(ref))
