@@ -196,7 +196,12 @@ def observation_bound(catalog, config: EnvConfig) -> int:
     """
     p = config.protocol
     numbers = len(str(max(config.prompt_history, config.retrieval_k))) + 2  # "NN. "
-    longest = max((len(item_lines(catalog, [i])) - 3 for i in range(1, catalog.n_items + 1)), default=0)
+    # the longest "Title\n  - categories: a, b" line without its number (item_lines' format)
+    longest = max(
+        (len(t) + (len("\n  - categories: ") + len(", ".join(c)) if c else 0)
+         for t, c in zip(catalog.titles[1:], catalog.categories[1:], strict=True)),
+        default=0,
+    )  # fmt: skip
     line = numbers + longest + 1  # + the newline between lines
     prompt = max(len(base_prompt("", p, config.answer_k)), len(chat_user_message("", p, config.answer_k)))
     prompt += config.prompt_history * line

@@ -36,7 +36,7 @@ def _run(out, lm, env_kwargs, sabotage=None):
         from agents import grpo
 
         if sabotage is not None:
-            sabotage(grpo)
+            sabotage()
         grpo.train(_args(out, lm, steps=STEPS, val_users=1, temperature=1.5), env_kwargs, progress=False)
 
     return _in_child(job)
@@ -49,11 +49,14 @@ def _log(out):
     return rows
 
 
-def _die_on_call(name, n):
-    """Sabotage: SIGKILL this process on the n-th call of ``grpo.<name>``."""
+def _die_on_call(name, n, module="agents.grpo"):
+    """Sabotage: SIGKILL this process on the n-th call of ``<module>.<name>``."""
 
-    def sabotage(grpo):
-        original, calls = getattr(grpo, name), [0]
+    def sabotage():
+        import importlib
+
+        mod = importlib.import_module(module)
+        original, calls = getattr(mod, name), [0]
 
         def wrapped(*a, **k):
             calls[0] += 1
@@ -61,12 +64,12 @@ def _die_on_call(name, n):
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(*a, **k)
 
-        setattr(grpo, name, wrapped)
+        setattr(mod, name, wrapped)
 
     return sabotage
 
 
-def _die_between_renames(grpo):
+def _die_between_renames():
     """Sabotage: SIGKILL after the old checkpoint is moved aside, before the new one takes its name (step 2)."""
     real, seen = os.replace, [0]
 
@@ -164,26 +167,9 @@ def test_sft_killed_then_rerun_gives_the_uninterrupted_log(delay, tmp_path, tiny
     _assert_same(_log(run), _log(ref))
 
 
-def _sft_die_on_call(name, n):
-    def sabotage():
-        import agents.runs as runs
-
-        original, calls = getattr(runs, name), [0]
-
-        def wrapped(*a, **k):
-            calls[0] += 1
-            if calls[0] == n:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(*a, **k)
-
-        setattr(runs, name, wrapped)
-
-    return sabotage
-
-
 @pytest.mark.parametrize(
     "sabotage",
-    [_sft_die_on_call("write_log", 3), _sft_die_on_call("save_checkpoint", 2)],
+    [_die_on_call("write_log", 3, "agents.runs"), _die_on_call("save_checkpoint", 2, "agents.runs")],
     ids=["between checkpoint and log", "inside the checkpoint write"],
 )
 def test_sft_resumes_at_the_step_in_flight(sabotage, tmp_path, tiny_lm_path, env_kwargs, resources):
