@@ -75,8 +75,6 @@ class KVBatch:
         """Append every row's tokens that are not in the cache yet; next-token logits ``(B, V)``."""
         chunks = [t.ids[f:] for t, f in zip(trajectories, self.fed, strict=True)]
         width = max(len(c) for c in chunks)
-        if width == 0:
-            raise RuntimeError("no new tokens to feed: every row is already up to date")
         if min(len(c) for c in chunks) == 0:
             raise RuntimeError("a row has no new tokens (an episode continued without an observation)")
         ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long, device=self.device)

@@ -113,7 +113,8 @@ class EnvConfig(ResourceConfig):
     threads: int | None = 1
     """torch threads for the environment's own compute (encoding a preference, the TRM forward), set
     around each retrieval and restored after it; None leaves the process's setting. One thread is fastest
-    on a busy machine (``docs/design.md``, "Threads and processes"); faiss uses ``index.threads``."""
+    on a busy machine (``docs/design.md``, "Vector environments, processes and threads"); faiss uses
+    ``index.threads``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types of every field, paths that must exist
@@ -122,20 +123,12 @@ class EnvConfig(ResourceConfig):
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         if self.users is not None and self.users < 1:
             raise ValueError(f"users={self.users}; must be >= 1 or None")
-        for name in ("threads", "max_obs_chars"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r}; must be an int >= 1 or None")
-        for name, allowed in (
-            ("split", ("train", "valid", "test")),
-            ("user_group", ("all", "rl", "eval")),
-            ("prompt", ("base", "chat")),
-            ("invalid_action", ("end", "feedback")),
-            ("match", ("grounded", "substring")),
-            ("encoder_backend", ("torch", "onnx")),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; must be one of {allowed}")
+        for name in ("threads", "max_obs_chars"):  # types: checked above, from the annotations
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}; must be >= 1 or None")
+        # the Literal fields (split, user_group, stage, prompt, ...) are checked from their annotations
+        if self.encoder_backend not in ("torch", "onnx"):
+            raise ValueError(f"encoder_backend={self.encoder_backend!r}; must be one of ('torch', 'onnx')")
         if self.fuzzy_cutoff < 0:
             raise ValueError(f"fuzzy_cutoff={self.fuzzy_cutoff}; must be >= 0 (> 1 disables fuzzy matching)")
         if not 0 < self.rl_share < 1:

@@ -1,6 +1,6 @@
 """The package's own thread use: fast on a busy machine, and safe after ``fork``.
 
-Two facts decide the design (``docs/design.md``, "Threads and processes"):
+Two facts decide the design (``docs/design.md``, "Vector environments, processes and threads"):
 
 - The environment's compute is small (one short text through the encoder, one TRM forward, one faiss
   search): extra threads buy nothing and, on a machine whose cores are busy with other work, cost many
