@@ -7,8 +7,8 @@
    with one environment and with a vector environment of ``--num-envs`` (one retrieval batch per step),
    and the numeric view (two facet calls, then finish); each idle and with a second process burning one
    core (a busy machine), under the package's thread defaults and, for contrast, with ``threads=None``.
-   The retriever's cache of history states is cleared before each measurement (a new user's first call
-   runs the sequence encoder; later calls of the episode reuse its state).
+   The retriever's caches are emptied before each measurement (the env encodes its users' history states
+   in blocks when a block is first drawn; later calls reuse them).
 
     python -m benchmarks.env_speed             # embedded ml-100k (trains/loads the cached TRM)
     python -m benchmarks.env_speed --smoke     # seconds
@@ -174,7 +174,7 @@ def http_comparison(env: DeepRecEnv, kwargs: dict, episodes: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-envs", type=int, default=16)
-    ap.add_argument("--episodes", type=int, default=256)
+    ap.add_argument("--episodes", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=16_000, help="transcript length for the own-work test")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true")
@@ -260,7 +260,11 @@ def main(argv=None) -> None:
         "in turn, each figure the mean of its two rounds",
         "threads": f"package defaults: env threads=1 (torch, set around each retrieval), index.threads=1 "
         f"(faiss); process at start: {threads_at_start}",
-        "episodes": args.episodes,
+        "episodes": f"{args.episodes} per measurement",
+        "caches": "the retriever's caches (history states, adapted preferences) are emptied before each "
+        f"measurement; an env encodes the TRM states of its users in blocks of {DeepRecEnv.PREFETCH} when one "
+        "of a block is first drawn, so each figure includes encoding every drawn block once (the HTTP "
+        "retriever has no prefetch: it encodes each history at its first call, as the reference does)",
         "text encoder": args.encoder,
         "HTTP": "the same retriever in a separate process (http.server, JSON over one keep-alive loopback "
         "connection, TCP_NODELAY), as the reference's retrieval server; the latency probe cycles through 7 "

@@ -271,17 +271,20 @@ def _onnx_session(pooled: _Pooled, tokenizer, key: str):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), names
 
 
+def collapse_whitespace(text: str) -> str:
+    """A preference with its white space collapsed (the text the encoder sees); TypeError if not a str."""
+    if not isinstance(text, str):
+        raise TypeError(f"preferences must be str, got {type(text).__name__}")
+    return " ".join(text.split())
+
+
 def preference_vectors(encoder: TextEncoder, preferences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Vectors ``(n, dim)`` of free-text preferences and the mask of non-empty ones.
 
     White space is collapsed, each distinct non-empty text is encoded once (one batch), and an empty
     preference gets a zero row and ``False`` in the mask.
     """
-    clean = []
-    for p in preferences:
-        if not isinstance(p, str):
-            raise TypeError(f"preferences must be str, got {type(p).__name__}")
-        clean.append(" ".join(p.split()))
+    clean = [collapse_whitespace(p) for p in preferences]
     distinct = sorted({p for p in clean if p})
     vecs = np.zeros((len(clean), encoder.dim), dtype=np.float32)
     if distinct:

@@ -15,6 +15,8 @@ import numpy as np
 
 from deeprec_env.config import check_fields
 
+_LAST = np.iinfo(np.int64).max  # sorts a missing entry (id 0) after every real item
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -132,9 +134,9 @@ class ItemIndex:
                     scores[r, drop] = -np.inf
                     ids[r, drop] = 0
         # best score first, then lower item id; missing entries (id 0, -inf) last
-        order = np.lexsort((np.where(ids > 0, ids, np.iinfo(np.int64).max), -scores.astype(np.float64)), axis=1)
-        ids = np.take_along_axis(ids, order, 1)[:, :k]
-        scores = np.take_along_axis(scores, order, 1)[:, :k]
+        order = np.lexsort((np.where(ids > 0, ids, _LAST), -scores.astype(np.float64)), axis=1)[:, :k]
+        rows = np.arange(len(ids))[:, None]
+        ids, scores = ids[rows, order], scores[rows, order]
         if ids.shape[1] < k:
             pad = k - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (0, pad)))

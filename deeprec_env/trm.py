@@ -264,20 +264,37 @@ class PreferenceTRM(nn.Module):
             p = self.adapter(pref.to(h.dtype)) if adapted is None else adapted.to(h.dtype)
             if has_pref is not None:
                 p = p * has_pref.unsqueeze(-1).to(h.dtype)
-        cosine = self.config.score == "cosine"
         if self.config.fusion == "add" or p is None:
             u = self.pref_norm(h if p is None else h + p)
-            return nn.functional.normalize(u, dim=-1) if cosine else u
+            return nn.functional.normalize(u, dim=-1) if self.config.score == "cosine" else u
+        u, summary_unit = self.history_query(h, summary)
+        return self.gated(u, summary_unit, nn.functional.normalize(p, dim=-1), has_pref)
+
+    def history_query(self, h: torch.Tensor, summary: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the gated fusion reads of a history (inference caches it).
+
+        Its query without a preference ``(N, d)`` and its unit-normalised text summary ``(N, 2, d)`` (None
+        without item text).
+        """
         u = self.pref_norm(h)
-        u = nn.functional.normalize(u, dim=-1) if cosine else u
-        p_unit = nn.functional.normalize(p, dim=-1)
-        if summary is None:
-            agree = torch.zeros(*p.shape[:-1], 2, dtype=p.dtype, device=p.device)
+        u = nn.functional.normalize(u, dim=-1) if self.config.score == "cosine" else u
+        return u, None if summary is None else nn.functional.normalize(summary.to(u.dtype), dim=-1)
+
+    def gated(
+        self, u: torch.Tensor, summary_unit: torch.Tensor | None, p_unit: torch.Tensor, has_pref: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The gated query ``u + a * p_unit``, with the trust ``a = softplus(gate(...))``.
+
+        ``u`` and ``summary_unit`` come from :meth:`history_query`; ``p_unit`` is the unit adapted
+        preference (zero rows: no preference).
+        """
+        if summary_unit is None:
+            agree = torch.zeros(*p_unit.shape[:-1], 2, dtype=p_unit.dtype, device=p_unit.device)
         else:
-            agree = (nn.functional.normalize(summary.to(p.dtype), dim=-1) * p_unit.unsqueeze(-2)).sum(-1)
+            agree = (summary_unit * p_unit.unsqueeze(-2)).sum(-1)
         trust = nn.functional.softplus(self.gate(torch.cat([u, p_unit, u * p_unit, agree], -1)))
         if has_pref is not None:
-            trust = trust * has_pref.unsqueeze(-1).to(h.dtype)
+            trust = trust * has_pref.unsqueeze(-1).to(u.dtype)
         return u + trust * p_unit
 
     def item_vectors(self) -> torch.Tensor:

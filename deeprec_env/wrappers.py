@@ -92,18 +92,25 @@ class DeepRecNumericEnv(gym.Env[np.ndarray, np.int64]):
         self._k = self.text_env.config.answer_k
         self._calls = self.text_env.config.max_calls
         self._queried = np.zeros(self.n_facets, np.float32)
+        self._history_of = None
 
     def observe(self) -> np.ndarray:
         """The numeric observation of the text environment's current episode."""
         return self._obs()
 
+    def _history_facets(self, ep) -> tuple[np.ndarray, int]:
+        """The history's facet shares and top facet, computed once per episode."""
+        if self._history_of is not ep:
+            hist = self._facet_matrix[ep.history].sum(0) if len(ep.history) else np.zeros(self.n_facets, np.float32)
+            hist = hist / max(1.0, float(hist.sum()))
+            self._history_of, self._history = ep, (hist, int(np.argmax(hist)) if hist.any() else 0)
+        return self._history
+
     def _obs(self) -> np.ndarray:
         env = self.text_env
         ep = env.episode
-        hist = self._facet_matrix[ep.history].sum(0) if len(ep.history) else np.zeros(self.n_facets, np.float32)
-        hist = hist / max(1.0, float(hist.sum()))
+        hist, top = self._history_facets(ep)
         retrieved = np.unique(np.concatenate(ep.retrieved)) if ep.retrieved else np.zeros(0, np.int64)
-        top = int(np.argmax(hist)) if hist.any() else 0
         match = float(self._facet_matrix[retrieved[: self._k], top].mean()) if len(retrieved) else 0.0
         budget = self._calls * env.config.retrieval_k
         extra = [min(1.0, ep.n_calls / self._calls), min(1.0, len(retrieved) / budget), match]

@@ -106,3 +106,61 @@ def test_history_state_cache_gives_the_uncached_vectors(retriever, tiny_ds, monk
     monkeypatch.setattr(type(retriever), "STATE_CACHE", 2)
     retriever.user_vectors(hist, prefs)
     assert len(retriever._states) == 2  # bounded: least recently used histories are dropped
+
+
+@pytest.mark.parametrize("fusion", ["gated", "add"])
+def test_cached_fusion_equals_the_model(tiny_ds, tiny_encoder, fusion):
+    """The retriever's cached parts (history query, adapted preferences) give the model's own vectors."""
+    import dataclasses
+
+    import torch
+
+    from deeprec_env.embed import preference_vectors
+
+    cfg = dataclasses.replace(TINY, fusion=fusion, max_epochs=1)
+    r = Retriever(train_trm(tiny_ds, cfg, tiny_encoder, progress=False)[0], tiny_encoder)
+    hist = histories(tiny_ds, 5)
+    prefs = ["drama", "", "comedy  action", "drama", "\t"]
+    for _ in range(2):  # cold, then every part from the caches
+        got = r.user_vectors(hist, prefs)
+        with torch.inference_mode():
+            vecs, given = preference_vectors(tiny_encoder, prefs)
+            ref = r.trm.user_vectors(torch.as_tensor(r._pad(hist)), torch.as_tensor(vecs), torch.as_tensor(given))
+        np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-6)
+    assert set(r._adapted) == {"drama", "comedy action"}  # white space collapsed, empty ones not adapted
+    with torch.inference_mode():
+        np.testing.assert_allclose(r.user_vectors(hist), r.trm.user_vectors(torch.as_tensor(r._pad(hist))).numpy())
+
+
+def test_preference_cache_is_bounded(retriever, tiny_ds, monkeypatch):
+    monkeypatch.setattr(type(retriever), "PREFERENCE_CACHE", 3)
+    retriever.clear_cache()
+    h = histories(tiny_ds, 1) * 5
+    first = retriever.user_vectors(h, ["a", "b", "c", "d", "e"])
+    assert list(retriever._adapted) == ["c", "d", "e"]  # least recently used dropped
+    np.testing.assert_allclose(retriever.user_vectors(h, ["a", "b", "c", "d", "e"]), first, rtol=0, atol=1e-6)
+
+
+def test_prefetch_encodes_in_batches_and_changes_nothing(retriever, tiny_ds):
+    sp = tiny_ds.split("test")
+    hist = [sp.history(i, 12) for i in range(len(sp))]
+    retriever.clear_cache()
+    one_by_one = np.stack([retriever.user_vectors([h], ["drama"])[0] for h in hist])
+    retriever.clear_cache()
+    assert not retriever.cached(hist[0])
+    retriever.prefetch(hist, batch_size=4)
+    assert all(retriever.cached(h) for h in hist)
+    batched = retriever.user_vectors(hist, ["drama"] * len(hist))
+    np.testing.assert_allclose(batched, one_by_one, rtol=0, atol=1e-6)  # float rounding of another batch size
+
+
+def test_env_reset_prefetches_its_block(resources, env_kwargs):
+    from deeprec_env.env import DeepRecEnv
+
+    env = DeepRecEnv(resources=resources, **env_kwargs)
+    r = env.res.retriever
+    r.clear_cache()
+    env.PREFETCH = 4
+    env.reset(options={"example": 5})  # block 4..7 of the env's episodes
+    cached = [r.cached(env.split.history(int(j), r.max_len)) for j in env.examples[:8]]
+    assert cached[4:8] == [True] * 4 and not any(cached[:4])
