@@ -315,8 +315,8 @@ class LLMPolicy(Policy):
             logits = batch.feed([s["traj"] for s in states])
             raw = batch.sample(logits, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                top_k=self.top_k, top_p=self.top_p, done_fn=done)  # fmt: skip
-        results = self._cut(raw, stops)
-        batch.keep([len(ids) for ids, _, _ in results])
+            results = self._cut(raw, stops)
+            batch.keep([len(ids) for ids, _, _ in results])  # edits the cache's mask: an inference tensor
         return results
 
     def _engine_generate(self, contexts: list[list[int]], stops: list[tuple[str, ...]]):
