@@ -205,7 +205,7 @@ def _torchrun(out, tiny_lm_path, tiny_encoder_path, port: int, **env_extra) -> l
     import subprocess
     import sys
 
-    from tests.conftest import TINY_TRM
+    from deeprec_env.fixtures import TINY_TRM
 
     out.mkdir(parents=True)
     script = out / "job.py"

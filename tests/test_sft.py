@@ -42,7 +42,7 @@ def test_teacher_draws_its_call_counts(tiny_lm_path, env_kwargs, resources):
 def test_sft_fits_the_demonstrations_and_is_reused(tmp_path, tiny_lm_path, env_kwargs, resources):
     from agents.llm import load_causal_lm
 
-    args = SFTArgs(model=str(tiny_lm_path), episodes=4, epochs=6, batch=4, micro_batch=2, lr=1e-2,
+    args = SFTArgs(model=str(tiny_lm_path), episodes=4, epochs=6, batch=4, micro_batch=2, lr=3e-2,
                    prompt_history=5, out=str(tmp_path))  # fmt: skip
     ckpt = train_sft(args, env_kwargs, progress=False)
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]

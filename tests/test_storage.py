@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from deeprec_env.data import cache_dir, load_dataset
+from deeprec_env.fixtures import TINY_TRM
 from deeprec_env.storage import atomic_write, clean_stale_temps, prepare_folder
 from deeprec_env.trm import TRM_FILES, TRMConfig, load_or_train_trm, load_trm, save_trm, trm_cache_path
-from tests.conftest import TINY_TRM
 
 TINY = TRMConfig(**{**TINY_TRM, "max_epochs": 1})
 
