@@ -1,7 +1,8 @@
 """deeprec-env: a Gymnasium environment for LLM-based recommendation (DeepRec, arXiv 2505.16810).
 
 Importing the package registers ``DeepRec-v0`` (stage ``rec``), ``DeepRecColdStart-v0`` (stage
-``coldstart``) and ``DeepRecNumeric-v0`` (the Box/Discrete view for classic RL, stage ``rec``).
+``coldstart``), ``DeepRecNumeric-v0`` (the Box/Discrete view for classic RL, stage ``rec``) and
+``DeepRecTools-v0`` (the same episodes through ``recommend`` / ``answer`` tool calls, stage ``rec``).
 """
 
 from gymnasium.envs.registration import register, registry
@@ -12,7 +13,7 @@ register_fork_hook()  # forked children (AsyncVectorEnv, SubprocVecEnv) run torc
 
 __version__ = "0.3.0"
 
-ENV_IDS = ("DeepRec-v0", "DeepRecColdStart-v0", "DeepRecNumeric-v0")
+ENV_IDS = ("DeepRec-v0", "DeepRecColdStart-v0", "DeepRecNumeric-v0", "DeepRecTools-v0")
 
 if "DeepRec-v0" not in registry:
     register(
@@ -28,3 +29,4 @@ if "DeepRec-v0" not in registry:
         kwargs={"stage": "coldstart"},
     )
     register(id="DeepRecNumeric-v0", entry_point="deeprec_env.wrappers:DeepRecNumericEnv", kwargs={"stage": "rec"})
+    register(id="DeepRecTools-v0", entry_point="deeprec_env.tools:DeepRecToolEnv", kwargs={"stage": "rec"})

@@ -9,6 +9,7 @@ on failure, and ends in ``_test`` so that pytest does not collect it on import::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import gymnasium as gym
@@ -40,6 +41,12 @@ def scripted_actions(env: gym.Env) -> list:
         return [0, min(1, env.action_space.n - 2), env.action_space.n - 1]
     p = base.config.protocol
     titles = [base.catalog.titles[i] for i in range(1, min(base.catalog.num_embeddings, base.config.answer_k + 1))]
+    if hasattr(base, "text_env") and hasattr(base, "segment"):  # the tool-call variant: JSON tool calls
+        return [
+            json.dumps({"name": "recommend", "arguments": {"preference": "drama"}, "content": "One way."}),
+            {"name": "recommend", "arguments": {"preference": "comedy; action"}},
+            json.dumps({"name": "answer", "arguments": {"items": titles}}),
+        ]
     return [
         call_text("drama", p, "The history leans one way."),
         call_text("comedy; action", p, "Another aspect."),
