@@ -1,7 +1,8 @@
-"""Command line: ``deeprec data-summary`` and ``deeprec trm-train``.
+"""Command line: ``deeprec data-summary``, ``deeprec trm-train`` and ``deeprec serve``.
 
-Options of ``trm-train`` are generated from :class:`~deeprec_env.trm.TRMConfig`, so the CLI and the
-library share one set of defaults and one validation.
+Options of ``trm-train`` are generated from :class:`~deeprec_env.trm.TRMConfig`, those of ``serve`` from
+:class:`~deeprec_env.env.EnvConfig`, so the CLI and the library share one set of defaults and one
+validation.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deeprec`` command."""
+    from deeprec_env.env import EnvConfig
     from deeprec_env.trm import TRMConfig
 
     ap = argparse.ArgumentParser(prog="deeprec", description="deeprec-env command line")
@@ -90,10 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="checkpoint folder (model.safetensors + config.json)")
     p.add_argument("--encoder", default="minilm", help="text encoder: 'minilm' (embedded), a path or a hub id")
     add_dataclass_args(p, TRMConfig)
+    p = sub.add_parser("serve", help="serve DeepRec over OpenEnv's HTTP/WebSocket API (needs the openenv extra)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-sessions", type=int, default=64, help="concurrent WebSocket sessions")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    add_dataclass_args(p, EnvConfig)
     ns = ap.parse_args(argv)
     try:
         return _run(ns)
-    except (ValueError, TypeError, OSError) as e:  # bad data, bad options, files: one line says what is wrong
+    except (ValueError, TypeError, OSError, ImportError) as e:  # bad data, options, files, a missing extra: one line
         if ns.debug:
             raise
         print(f"deeprec {ns.command}: error: {e}", file=sys.stderr)
@@ -104,6 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(ns: argparse.Namespace) -> int:
     from deeprec_env.data import load_dataset
     from deeprec_env.trm import TRMConfig
+
+    if ns.command == "serve":
+        from deeprec_env.env import EnvConfig
+        from deeprec_env.openenv_server import serve
+
+        config = from_args(EnvConfig, ns)
+        if ns.max_sessions < 1:
+            raise ValueError(f"--max-sessions {ns.max_sessions}; must be >= 1")
+        kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EnvConfig) if hasattr(ns, f.name)}
+        print(f"serving DeepRec ({config.dataset}, stage {config.stage}) on http://{ns.host}:{ns.port} (OpenEnv)")
+        serve(ns.host, ns.port, ns.max_sessions, **kwargs)
+        return 0
 
     dataset = load_dataset(ns.dataset, ns.path, metadata=ns.metadata)
     if ns.command == "data-summary":
