@@ -18,18 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from deeprec_env.data import RecDataset, synthetic
+from deeprec_env.protocol import ProtocolConfig
 
 TINY_TRM = dict(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=3, batch_size=32, lr=5e-3, dropout=0.2)
 """TRM settings that train on :func:`tiny_dataset` in about a second."""
 
-PROTOCOL_TOKENS = (
-    "<|begin_of_preference|>",
-    "<|end_of_preference|>",
-    "<recommendation_list>",
-    "</recommendation_list>",
-    "<think>",
-    "</think>",
-)
+PROTOCOL_TOKENS = ProtocolConfig().tags
 """The protocol's tags, single tokens in the tiny LM's vocabulary."""
 
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
@@ -93,7 +87,7 @@ def _lm_corpus() -> list[str]:
 
     An episode of the tiny env is then about a thousand tokens, not thousands of bytes.
     """
-    from deeprec_env.protocol import ProtocolConfig, answer_text, call_text, chat_user_message, item_lines
+    from deeprec_env.protocol import answer_text, call_text, chat_user_message, item_lines
 
     catalog = tiny_dataset().catalog
     p = ProtocolConfig()

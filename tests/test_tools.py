@@ -83,15 +83,14 @@ def test_trl_environment_factory_runs_a_step(tmp_path, env_kwargs, resources):
 
     from agents.trl_adapter import prompt_dataset
     from deeprec_env.fixtures import build_tiny_lm
+    from tests.test_trl import CPU_RUN
 
     folder = build_tiny_lm(tmp_path / "lm", chatml=True, chat_template=qwen3_chat_template)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     kwargs = {**env_kwargs, "prompt_history": 5}
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=32, report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
-    )  # fmt: skip
+    args = GRPOConfig(str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=32, **CPU_RUN)  # fmt: skip
     trainer = GRPOTrainer(
         model=model, args=args, processing_class=tok, train_dataset=prompt_dataset(tools=True, **kwargs),
         environment_factory=lambda: DeepRecTRLEnv(**kwargs),

@@ -16,6 +16,9 @@ from agents.trl_adapter import (  # noqa: E402
 from deeprec_env.env import EnvConfig  # noqa: E402
 from deeprec_env.rewards import COMPONENTS  # noqa: E402
 
+CPU_RUN = dict(report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False)
+"""TRL trainer arguments of a test: CPU, seeded, nothing saved or reported."""
+
 
 @pytest.fixture
 def stage_kwargs(env_kwargs, resources):
@@ -63,19 +66,8 @@ def _sft(tiny_lm_path, stage_kwargs, out):
     row = demos[0]
     assert len(row["input_ids"]) == len(row["assistant_masks"])
     assert 0 < sum(row["assistant_masks"]) < len(row["input_ids"])
-    args = SFTConfig(
-        output_dir=str(out),
-        max_steps=8,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        logging_steps=4,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        bf16=False,
-        max_length=None,
-    )
+    args = SFTConfig(str(out), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=4,
+                     max_length=None, **CPU_RUN)  # fmt: skip
     trainer = SFTTrainer(model=model, args=args, train_dataset=demos, processing_class=tok)
     trainer.train()
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
@@ -106,21 +98,8 @@ def test_grpo_trainer_runs_two_steps_with_a_nonzero_gradient(tmp_path, tiny_lm_p
             grads.append(float(sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5))
 
     rollout = DeepRecRollout(stage_kwargs, max_new_tokens=48)
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        temperature=1.0,
-        learning_rate=1e-3,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        bf16=False,
-        max_completion_length=400,
-    )
+    args = GRPOConfig(str(tmp_path / "grpo"), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                      temperature=1.0, learning_rate=1e-3, logging_steps=1, **CPU_RUN)  # fmt: skip
     trainer = GRPOTrainer(
         model=model,
         args=args,
