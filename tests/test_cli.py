@@ -54,3 +54,14 @@ def test_data_error_is_one_line(tmp_path, capsys):
     assert main(["data-summary", "--dataset", "atomic", "--path", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"deeprec data-summary: error: {bad}:2: timestamp 'nan' is not a finite number"
+
+
+def test_serve_options_are_checked_before_serving(capsys):
+    assert main(["serve", "--dataset", "synthetic", "--max-sessions", "0"]) == 2
+    assert "--max-sessions 0; must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--dataset", "synthetic", "--max-calls", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "max_calls" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--stage", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
