@@ -17,6 +17,16 @@ from deeprec_env.index import IndexConfig, ItemIndex
 from deeprec_env.trm import PreferenceTRM, TRMConfig
 
 
+def _lru_get(cache: OrderedDict, keys: Sequence, limit: int) -> list:
+    """The values of ``keys`` (all present), marked most recently used; then the cache is cut to ``limit``."""
+    for k in keys:
+        cache.move_to_end(k)
+    values = [cache[k] for k in keys]
+    while len(cache) > limit:
+        cache.popitem(last=False)
+    return values
+
+
 class Retriever:
     """The TRM, its text encoder and a faiss index over its item vectors, queried in batches.
 
@@ -41,7 +51,7 @@ class Retriever:
         self.encoder = encoder
         if encoder is not None and encoder.dim != trm.text_dim:
             raise ValueError(f"encoder dim {encoder.dim} != TRM text dim {trm.text_dim}; use the TRM's encoder")
-        self._states: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._states: OrderedDict[bytes, tuple[torch.Tensor | None, ...]] = OrderedDict()
         self._adapted: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._item_vectors: np.ndarray | None = None
         if index is None:
@@ -77,12 +87,7 @@ class Retriever:
         """
         keys = [row.tobytes() for row in seqs]
         self._encode_missing(keys)
-        for k in keys:
-            self._states.move_to_end(k)
-        states = [self._states[k] for k in keys]
-        while len(self._states) > self.STATE_CACHE:
-            self._states.popitem(last=False)
-        return states
+        return _lru_get(self._states, keys, self.STATE_CACHE)
 
     def _encode_missing(self, keys: Sequence[bytes]) -> None:
         """Run the sequence encoder on the padded histories ``keys`` not in the cache (one batch)."""
@@ -112,8 +117,7 @@ class Retriever:
         histories = list(histories)[: self.STATE_CACHE]
         for start in range(0, len(histories), batch_size):
             self._encode_missing([row.tobytes() for row in self._pad(histories[start : start + batch_size])])
-        while len(self._states) > self.STATE_CACHE:
-            self._states.popitem(last=False)
+        _lru_get(self._states, [], self.STATE_CACHE)
 
     def _preference_states(self, preferences: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per preference, its adapted vector ``(d,)`` and that vector unit-normalised; None if empty.
@@ -129,13 +133,8 @@ class Retriever:
                 unit = torch.nn.functional.normalize(adapted, dim=-1)
             for r, p in enumerate(missing):
                 self._adapted[p] = (adapted[r], unit[r])
-        for p in clean:
-            if p:
-                self._adapted.move_to_end(p)
-        states = [self._adapted[p] if p else None for p in clean]
-        while len(self._adapted) > self.PREFERENCE_CACHE:
-            self._adapted.popitem(last=False)
-        return states
+        found = iter(_lru_get(self._adapted, [p for p in clean if p], self.PREFERENCE_CACHE))
+        return [next(found) if p else None for p in clean]
 
     def item_vectors(self) -> np.ndarray:
         """The TRM's item vectors ``(num_embeddings, d)`` as float32 (computed once, see :meth:`clear_cache`)."""
