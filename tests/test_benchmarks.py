@@ -108,3 +108,27 @@ def test_train_step_gpu_smoke(tmp_path, tiny_encoder_path, tiny_lm_path):
     rows = json.loads((tmp_path / "train_step_gpu_smoke.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["full", "LoRA r=16"]
     assert all(r["episodes/step"] == 4 and r["step s"] > 0 and r["policy tokens"] > 0 for r in rows)
+
+
+def test_trl_grpo_formats_a_run_log(tmp_path, capsys):
+    """benchmarks.trl_grpo --from-run: the SFT and GRPO rows of a TRL log (the run itself takes half an hour)."""
+    import json
+
+    from benchmarks import trl_grpo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    log = [
+        {"loss": 0.9, "mean_token_accuracy": 0.85, "step": 1},
+        {"train_runtime": 10.0, "step": 1},
+        {"reward": -0.5, "reward_std": 0.4, "rewards/deeprec_format/mean": -0.75, "rewards/deeprec_hit/mean": 0.25,
+         "completions/mean_length": 120.0, "grad_norm": 0.3, "step": 1},
+    ]  # fmt: skip
+    (run / "log.json").write_text(json.dumps({"env_kwargs": {"stage": "rec"}, "log": log}))
+    trl_grpo.main(["--from-run", str(run), "--seconds", "60", "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "trl_grpo.md").read_text()
+    assert "| 1 | 0.9000 | 0.8500 |" in md
+    assert "| step | reward | reward_std | format | hit | completion tokens | grad_norm |" in md
+    assert "1.0 min" in md
+    payload = json.loads((tmp_path / "out" / "trl_grpo.json").read_text())
+    assert payload["grpo"][0]["format"] == -0.75 and payload["sft"][0]["loss"] == 0.9
