@@ -182,9 +182,8 @@ def create_app(max_sessions: int = 64, **env_kwargs: Any):
     async def bad_request(request: Request, exc: Exception) -> JSONResponse:  # the stateless HTTP endpoints
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
-    app.add_exception_handler(ValueError, bad_request)
+    app.add_exception_handler(ValueError, bad_request)  # what the env raises for a bad request
     app.add_exception_handler(TypeError, bad_request)
-    app.add_exception_handler(RuntimeError, bad_request)
     return app
 
 
