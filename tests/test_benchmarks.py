@@ -118,17 +118,22 @@ def test_trl_grpo_formats_a_run_log(tmp_path, capsys):
 
     run = tmp_path / "run"
     run.mkdir()
+    sft_log = [{"loss": 0.9, "mean_token_accuracy": 0.85, "step": 1}, {"train_runtime": 10.0, "step": 1}]
     log = [
-        {"loss": 0.9, "mean_token_accuracy": 0.85, "step": 1},
-        {"train_runtime": 10.0, "step": 1},
         {"reward": -0.5, "reward_std": 0.4, "rewards/deeprec_format/mean": -0.75, "rewards/deeprec_hit/mean": 0.25,
          "completions/mean_length": 120.0, "grad_norm": 0.3, "step": 1},
     ]  # fmt: skip
-    (run / "log.json").write_text(json.dumps({"env_kwargs": {"stage": "rec"}, "log": log}))
+    (run / "log.json").write_text(json.dumps({"env_kwargs": {"stage": "rec"}, "sft_log": sft_log, "log": log}))
     trl_grpo.main(["--from-run", str(run), "--seconds", "60", "--out", str(tmp_path / "out")])
     md = (tmp_path / "out" / "trl_grpo.md").read_text()
     assert "| 1 | 0.9000 | 0.8500 |" in md
     assert "| step | reward | reward_std | format | hit | completion tokens | grad_norm |" in md
-    assert "1.0 min" in md
+    assert "1.0 min" in md and "SFT rows from log.json" in md
     payload = json.loads((tmp_path / "out" / "trl_grpo.json").read_text())
     assert payload["grpo"][0]["format"] == -0.75 and payload["sft"][0]["loss"] == 0.9
+    # a run from before the example saved its SFT log: the rows come from the trainer's console output
+    (run / "log.json").write_text(json.dumps({"env_kwargs": {"stage": "rec"}, "log": log}))
+    (run / "stdout.log").write_text("noise\r{'loss': '0.7', 'mean_token_accuracy': '0.9', 'epoch': '1'}\nmore\n")
+    trl_grpo.main(["--from-run", str(run), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "trl_grpo.md").read_text()
+    assert "| 1 | 0.7000 | 0.9000 |" in md and "console output" in md and "wall time: unknown" in md
