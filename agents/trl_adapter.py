@@ -63,14 +63,14 @@ def prompt_key(prompt: Any) -> str:
     raise TypeError(f"a prompt is chat messages (a list of dicts with 'content') or a str, got {type(prompt).__name__}")
 
 
-def episode_prompts(env) -> tuple[list[tuple[int, Any]], int]:
+def episode_prompts(env: DeepRecEnv) -> tuple[list[tuple[int, Any]], int]:
     """``(user, prompt)`` for each of ``env``'s episodes whose prompt no earlier one has, and the count dropped.
 
     The prompt is chat messages (``prompt="chat"``) or text (``"base"``). Two users whose shown histories
     are the same have the same prompt; only the first is kept, so a prompt names its user.
     """
     rows, seen, dropped = [], set(), 0
-    for j in getattr(env, "text_env", env).examples:  # a DeepRecEnv, or the tool variant around one
+    for j in env.examples:
         obs, info = env.reset(options={"example": int(j)})
         prompt = info.get("messages", obs)
         key = prompt_key(prompt)
@@ -93,12 +93,7 @@ def prompt_dataset(*, users: Sequence[int] | None = None, tools: bool = False, *
             user_group, stage, prompt, ... Pass the same to :class:`DeepRecRollout`.
     """
     datasets = _require_datasets()
-    if tools:
-        from deeprec_env.tools import DeepRecToolEnv
-
-        env = DeepRecToolEnv(**{**env_kwargs, "prompt": "chat"})
-    else:
-        env = DeepRecEnv(**env_kwargs)
+    env = DeepRecEnv(**({**env_kwargs, "prompt": "chat", "actions": "tools"} if tools else env_kwargs))
     rows, dropped = episode_prompts(env)
     if users is not None:
         wanted = {int(u) for u in users}

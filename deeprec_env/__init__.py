@@ -29,4 +29,9 @@ if "DeepRec-v0" not in registry:
         kwargs={"stage": "coldstart"},
     )
     register(id="DeepRecNumeric-v0", entry_point="deeprec_env.wrappers:DeepRecNumericEnv", kwargs={"stage": "rec"})
-    register(id="DeepRecTools-v0", entry_point="deeprec_env.tools:DeepRecToolEnv", kwargs={"stage": "rec"})
+    register(
+        id="DeepRecTools-v0",
+        entry_point="deeprec_env.env:DeepRecEnv",
+        vector_entry_point="deeprec_env.vector:DeepRecVectorEnv",
+        kwargs={"stage": "rec", "actions": "tools", "prompt": "chat"},
+    )

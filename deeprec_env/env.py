@@ -45,6 +45,7 @@ from deeprec_env.rewards import (
 )
 from deeprec_env.spaces import SharedText
 from deeprec_env.threads import limit_threads
+from deeprec_env.tools import TOOLS, tool_segment, tool_user_message
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class EnvConfig(ResourceConfig):
     prompt: Literal["base", "chat"] = "base"
     """``base``: the reference's base-model prompt ending in ``<think>``; ``chat``: a user message for a
     chat template (also in ``info["messages"]``; the policy appends ``<think>\\n`` after the template)."""
+    actions: Literal["text", "tools"] = "text"
+    """``text``: a segment is text in the tag protocol; ``tools``: a ``recommend`` / ``answer`` tool call
+    (a dict or its JSON text, written as the equivalent segment: ``deeprec_env.tools``), with a prompt
+    that describes the two tools; needs ``prompt="chat"`` (``DeepRecTools-v0`` sets both)."""
     prompt_history: int = 20
     """Most recent history items shown in the prompt."""
     retrieval_k: int = 20
@@ -123,6 +128,8 @@ class EnvConfig(ResourceConfig):
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         if self.users is not None and self.users < 1:
             raise ValueError(f"users={self.users}; must be >= 1 or None")
+        if self.actions == "tools" and self.prompt != "chat":
+            raise ValueError("actions='tools' is a chat protocol: it needs prompt='chat'")
         for name in ("threads", "max_obs_chars"):  # types: checked above, from the annotations
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}; must be >= 1 or None")
@@ -231,6 +238,13 @@ class DeepRecEnv(gym.Env[str, str]):
     at most ``protocol.max_segment_chars`` characters: other characters are parsed as they are (they cannot
     form a tag), and longer segments are invalid actions.
 
+    With ``actions="tools"`` (``DeepRecTools-v0``) an action is a tool call instead: a dict
+    ``{"name": "recommend", "arguments": {"preference": "..."}}`` or ``{"name": "answer", "arguments":
+    {"items": ["title", ...]}}`` (optional ``"content"``: the reasoning before it) or its JSON text; it is
+    written as the equivalent segment (``deeprec_env.tools``), a malformed call is an invalid action with
+    ``info["tool_error"]``, and any other type raises ``TypeError``. The prompt then describes the two
+    tools and ``info["tools"]`` holds their schema for the chat template.
+
     ## Observation Space
 
     ``gymnasium.spaces.Text`` (``deeprec_env.spaces.SharedText``, which also crosses ``AsyncVectorEnv``'s
@@ -318,7 +332,8 @@ class DeepRecEnv(gym.Env[str, str]):
 
     - v0 (deeprec-env 0.3): ``info["episode_reward_components"]``; the observation bound is computed
       (was 1,000,000 characters) so ``AsyncVectorEnv`` works; torch runs single-threaded inside the env
-      (``threads``); environments pickle. Episodes and rewards are unchanged.
+      (``threads``); environments pickle; ``actions="tools"`` (``DeepRecTools-v0``). Episodes and rewards
+      of the text protocol are unchanged.
     - v0 (deeprec-env 0.2): the TRM treats a preference as evidence (``docs/trm.md``), so the same actions
       retrieve different items than in 0.1; ``info["rank"]`` and the metrics count every answer line; a spent
       call budget and too many rejected segments end the episode as terminations (they were truncations).
@@ -435,7 +450,9 @@ class DeepRecEnv(gym.Env[str, str]):
         cfg = self.config
         shown = self.split.history(j, cfg.prompt_history)
         history_text = item_lines(self.catalog, shown)
-        if cfg.prompt == "base":
+        if cfg.actions == "tools":
+            prompt = tool_user_message(history_text, cfg.answer_k)
+        elif cfg.prompt == "base":
             prompt = base_prompt(history_text, cfg.protocol, cfg.answer_k)
         else:
             prompt = chat_user_message(history_text, cfg.protocol, cfg.answer_k)
@@ -447,6 +464,7 @@ class DeepRecEnv(gym.Env[str, str]):
         self._trm_history = self.split.history(j, self.res.retriever.max_len)
         self._prefetch_states(j)
         self._rejected = 0
+        self._tool_error = None
         self._done = False
         self._totals = dict.fromkeys(COMPONENTS, 0.0)
         info = {
@@ -458,6 +476,8 @@ class DeepRecEnv(gym.Env[str, str]):
         }
         if cfg.prompt == "chat":
             info["messages"] = [{"role": "user", "content": prompt}]
+        if cfg.actions == "tools":
+            info["tools"] = TOOLS
         return prompt, info
 
     PREFETCH = 256
@@ -498,6 +518,11 @@ class DeepRecEnv(gym.Env[str, str]):
         """Parse ``action``; return a :class:`RetrievalRequest` for a call, else the step's result tuple."""
         if self._done or self.episode is None:
             raise RuntimeError("step() called on a finished episode; call reset() first")
+        self._tool_error = None
+        if self.config.actions == "tools":
+            if not isinstance(action, str | dict):
+                raise TypeError(f"action must be a tool call (a dict or its JSON text), got {type(action).__name__}")
+            action, self._tool_error = tool_segment(action, self.config.protocol)
         if not isinstance(action, str):
             raise TypeError(f"action must be str, got {type(action).__name__}")
         ep, cfg = self.episode, self.config
@@ -558,7 +583,7 @@ class DeepRecEnv(gym.Env[str, str]):
         """The step's info; called once per step, it also adds ``comps`` to the episode's totals."""
         for c, v in comps.items():
             self._totals[c] += v
-        return {
+        info = {
             "is_action_valid": act.kind != "invalid",
             "action_kind": act.kind,
             "errors": list(act.errors),
@@ -566,6 +591,9 @@ class DeepRecEnv(gym.Env[str, str]):
             "episode_reward_components": dict(self._totals),
             "n_calls": self.episode.n_calls,
         }
+        if self._tool_error is not None:
+            info["tool_error"] = self._tool_error
+        return info
 
     def _ground(self, lines: tuple[str, ...]) -> list[int | None]:
         target = self.episode.target

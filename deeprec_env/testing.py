@@ -41,7 +41,7 @@ def scripted_actions(env: gym.Env) -> list:
         return [0, min(1, env.action_space.n - 2), env.action_space.n - 1]
     p = base.config.protocol
     titles = [base.catalog.titles[i] for i in range(1, min(base.catalog.num_embeddings, base.config.answer_k + 1))]
-    if hasattr(base, "text_env") and hasattr(base, "segment"):  # the tool-call variant: JSON tool calls
+    if base.config.actions == "tools":  # the tool-call variant: JSON tool calls
         return [
             json.dumps({"name": "recommend", "arguments": {"preference": "drama"}, "content": "One way."}),
             {"name": "recommend", "arguments": {"preference": "comedy; action"}},

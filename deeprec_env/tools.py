@@ -1,15 +1,17 @@
-"""DeepRec with tool calls (``DeepRecTools-v0``), and the class TRL's ``environment_factory`` takes.
+"""DeepRec with tool calls (``actions="tools"``, registered as ``DeepRecTools-v0``), and TRL's environment class.
 
 The policy calls ``recommend(preference)`` (the TRM) and finishes with ``answer(items)``, the tools of
 its chat template (:data:`TOOLS` is their JSON schema, for ``tokenizer.apply_chat_template(tools=...)``);
-each retrieved item list comes back as the tool's result. Every tool call is written as the text
-protocol's segment (:func:`~deeprec_env.protocol.call_text`, :func:`~deeprec_env.protocol.answer_text`)
-and stepped through :class:`~deeprec_env.env.DeepRecEnv`, so episodes, rewards, grounding and metrics
-are the text environment's: a tool call cannot break the tag format (a call without text gets the
-reasoning :data:`NO_CONTENT`), so the format reward judges the calls (budget, answer length, titles that
-name items).
+each retrieved item list comes back as the tool's result. :func:`tool_segment` writes every tool call as
+the text protocol's segment (:func:`~deeprec_env.protocol.call_text`,
+:func:`~deeprec_env.protocol.answer_text`), which :class:`~deeprec_env.env.DeepRecEnv` then steps, so
+episodes, rewards, grounding and metrics are the text protocol's, and the vector env batches the calls.
+A tool call cannot break the tag format (a call without text gets the reasoning :data:`NO_CONTENT`), so
+the format reward judges the calls (budget, answer length, titles that name items). A malformed call
+(not JSON, an unknown tool, wrong arguments) is an invalid segment: penalised and flagged
+(``info["tool_error"]`` says why); an action that is neither a dict nor a string raises ``TypeError``.
 
-The environment card is the docstring of :class:`DeepRecToolEnv`; TRL's class is :class:`DeepRecTRLEnv`.
+:class:`DeepRecTRLEnv` is the class TRL's ``GRPOTrainer(environment_factory=...)`` takes.
 """
 
 from __future__ import annotations
@@ -17,10 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import gymnasium as gym
-
-from deeprec_env.env import DeepRecEnv
-from deeprec_env.protocol import answer_text, call_text
+from deeprec_env.protocol import ProtocolConfig, answer_text, call_text
 
 TOOLS = [
     {
@@ -114,94 +113,19 @@ def parse_tool_call(action: Any) -> tuple[str, dict, str]:
     return name, args, content
 
 
-class DeepRecToolEnv(gym.Env):
-    """DeepRecTools-v0: DeepRec where the policy acts through ``recommend`` and ``answer`` tool calls.
+def tool_segment(action: Any, p: ProtocolConfig) -> tuple[str, str | None]:
+    """The text segment for tool call ``action`` and why it is invalid (None for a valid call).
 
-    ## Description
-
-    The text environment's episodes (:class:`~deeprec_env.env.DeepRecEnv`, ``prompt="chat"``) with the
-    tag protocol replaced by two tools (:data:`TOOLS`). Each tool call becomes the equivalent text
-    segment, so rewards, metrics, ``info`` and episode ends are the text environment's.
-
-    ## Action Space
-
-    A tool call: a dict ``{"name": "recommend", "arguments": {"preference": "..."}}`` or
-    ``{"name": "answer", "arguments": {"items": ["title", ...]}}`` (optionally ``"content"``: the
-    reasoning before it, and OpenAI's ``{"function": {...}}`` nesting), or its JSON text. A malformed call
-    (not JSON, an unknown tool, wrong arguments) is an invalid segment: penalised and flagged as in the
-    text environment (``info["tool_error"]`` says why), never an exception; an action of another type
-    (None, bytes, a number) raises ``TypeError``. The space is the text environment's ``Text`` space (the
-    JSON form).
-
-    ## Observation Space
-
-    Text: the user message at reset (``info["messages"]`` and ``info["tools"]`` are the chat to render),
-    then the tool result (the item list) after ``recommend``, or feedback after an invalid call.
-
-    ## Rewards, Starting State, Episode End
-
-    The text environment's (its card). ``answer`` ends the episode.
-
-    ## Version History
-
-    - v0 (deeprec-env 0.3): first release.
-
-    Args:
-        render_mode: None or ``"ansi"`` (the text environment's transcript).
-        text_env: use this text environment (else one is built from ``kwargs``; ``prompt`` is ``"chat"``).
-        **kwargs: :class:`~deeprec_env.env.EnvConfig` fields.
+    An invalid call becomes the empty segment, which the environment penalises as an invalid action.
     """
-
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
-
-    def __init__(self, render_mode: str | None = None, text_env: DeepRecEnv | None = None, **kwargs: Any) -> None:
-        if text_env is None:
-            if kwargs.get("prompt", "chat") != "chat":
-                raise ValueError("the tool variant is a chat protocol: prompt must be 'chat'")
-            text_env = DeepRecEnv(render_mode=render_mode, **{**kwargs, "prompt": "chat"})
-        self.text_env = text_env
-        self.render_mode = render_mode
-        self.config = text_env.config
-        self.catalog = text_env.catalog
-        self.observation_space = text_env.observation_space
-        self.action_space = text_env.action_space
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
-        """Start an episode (``options`` as the text environment's: ``user`` or ``example``)."""
-        super().reset(seed=seed)
-        _, info = self.text_env.reset(seed=seed, options=options)
-        from deeprec_env.protocol import item_lines
-
-        message = tool_user_message(item_lines(self.catalog, self.text_env.episode.history), self.config.answer_k)
-        info["messages"] = [{"role": "user", "content": message}]
-        info["tools"] = TOOLS
-        return message, info
-
-    def segment(self, action: Any) -> tuple[str, str | None]:
-        """The text segment for ``action`` and the reason it is invalid (None when it is a valid call)."""
-        p = self.config.protocol
-        try:
-            name, args, content = parse_tool_call(action)
-        except ValueError as err:
-            return "", str(err)
-        content = content.strip() or NO_CONTENT
-        if name == "recommend":
-            return call_text(args["preference"], p, content), None
-        return answer_text(args["items"], p, content), None
-
-    def step(self, action: Any) -> tuple[str, float, bool, bool, dict]:
-        """Execute one tool call (a dict or its JSON text; anything else is a ``TypeError``)."""
-        if not isinstance(action, str | dict):
-            raise TypeError(f"action must be a tool call (a dict or its JSON text), got {type(action).__name__}")
-        text, error = self.segment(action)
-        obs, reward, terminated, truncated, info = self.text_env.step(text)
-        if error is not None:
-            info["tool_error"] = error
-        return obs, reward, terminated, truncated, info
-
-    def render(self) -> str | None:
-        """The underlying text transcript (``render_mode="ansi"``)."""
-        return self.text_env.render()
+    try:
+        name, args, content = parse_tool_call(action)
+    except ValueError as err:
+        return "", str(err)
+    content = content.strip() or NO_CONTENT
+    if name == "recommend":
+        return call_text(args["preference"], p, content), None
+    return answer_text(args["items"], p, content), None
 
 
 class DeepRecTRLEnv:
@@ -221,11 +145,11 @@ class DeepRecTRLEnv:
     """
 
     def __init__(self, **env_kwargs: Any) -> None:
-        from deeprec_env.env import EnvConfig
+        from deeprec_env.env import DeepRecEnv, EnvConfig
         from deeprec_env.resources import get_resources
 
-        kwargs = {**env_kwargs, "prompt": "chat"}
-        self._env = DeepRecToolEnv(text_env=DeepRecEnv(resources=get_resources(EnvConfig(**kwargs)), **kwargs))
+        kwargs = {**env_kwargs, "prompt": "chat", "actions": "tools"}
+        self._env = DeepRecEnv(resources=get_resources(EnvConfig(**kwargs)), **kwargs)
         self._return = 0.0
         self._done = True
         self._info: dict = {}

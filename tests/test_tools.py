@@ -5,8 +5,13 @@ import json
 import gymnasium as gym
 import pytest
 
+from deeprec_env.env import DeepRecEnv
 from deeprec_env.protocol import answer_text, call_text
-from deeprec_env.tools import NO_CONTENT, TOOLS, DeepRecToolEnv, DeepRecTRLEnv, parse_tool_call
+from deeprec_env.tools import NO_CONTENT, TOOLS, DeepRecTRLEnv, parse_tool_call
+
+
+def DeepRecToolEnv(**kwargs):  # noqa: N802 - the tool variant as the tests build it
+    return DeepRecEnv(**{"prompt": "chat", "actions": "tools", **kwargs})
 
 
 def test_tool_calls_score_as_the_equivalent_segments(make_env, env_kwargs, resources):
@@ -54,7 +59,7 @@ def test_bad_types_raise_and_prompt_must_be_chat(env_kwargs, resources):
     env.reset(seed=0)
     with pytest.raises(TypeError, match="tool call"):
         env.step(None)
-    with pytest.raises(ValueError, match="prompt must be 'chat'"):
+    with pytest.raises(ValueError, match="needs prompt='chat'"):
         DeepRecToolEnv(**{**env_kwargs, "prompt": "base"})
 
 
@@ -99,3 +104,17 @@ def test_trl_environment_factory_runs_a_step(tmp_path, env_kwargs, resources):
     logged = [x for x in trainer.state.log_history if "reward" in x]
     assert len(logged) == 1 and "rewards/DeepRecTRLEnv/mean" in logged[0], sorted(logged[0])
     assert trl.__version__
+
+
+def test_vector_env_batches_tool_calls(env_kwargs, resources):
+    vec = gym.make_vec("DeepRecTools-v0", num_envs=3, vectorization_mode="vector_entry_point", **env_kwargs)
+    single = DeepRecToolEnv(**env_kwargs)
+    users = [0, 4, 7]
+    vec.reset(options={"user": users})
+    calls = [{"name": "recommend", "arguments": {"preference": p}} for p in ("drama", "comedy", "action")]
+    _, rewards, _, _, infos = vec.step(calls)
+    for i, user in enumerate(users):
+        single.reset(options={"user": user})
+        _, r, _, _, info = single.step(calls[i])
+        assert r == rewards[i] and info["retrieved"] == infos["retrieved"][i]
+    assert "tools" in vec.unwrapped.envs[0].reset(options={"user": 0})[1]
