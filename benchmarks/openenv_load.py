@@ -19,12 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 
 import numpy as np
 
 from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
 from deeprec_env.env import DeepRecEnv
+from deeprec_env.preferences import top_history_categories
 from deeprec_env.protocol import answer_text, call_text
 
 
@@ -64,9 +64,7 @@ def agent_actions(env: DeepRecEnv, retrieved: list[int] | None) -> str:
     """The scripted agent: a call with the history's top category, then the call's top 10."""
     p = env.config.protocol
     if retrieved is None:
-        hist = env.episode.history
-        cats = Counter(c for i in hist for c in env.catalog.categories[int(i)])
-        top = cats.most_common(1)[0][0] if cats else "popular"
+        top = top_history_categories(env.catalog, env.episode.history) or "popular"
         return call_text(top, p, "The history leans one way.")
     return answer_text([env.catalog.titles[int(i)] for i in retrieved[:10]], p, "Ranking the retrieved items.")
 

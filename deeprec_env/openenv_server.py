@@ -29,8 +29,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
-
 try:
     from openenv.core.client_types import StepResult
     from openenv.core.env_client import EnvClient
@@ -44,6 +42,7 @@ from pydantic import Field
 
 from deeprec_env.env import DeepRecEnv, EnvConfig
 from deeprec_env.resources import get_resources
+from deeprec_env.storage import jsonable
 
 RESET_OPTIONS = ("user", "example", "stage")
 """Reset keywords besides OpenEnv's ``seed`` and ``episode_id``."""
@@ -71,19 +70,6 @@ class DeepRecState(State):
     n_calls: int = 0
     done: bool = False
     episode_return: float = 0.0
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars and arrays turned into Python numbers and lists (non-finite floats kept)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 _LOCK = threading.Lock()  # the shared retriever's caches and torch's thread setting are process-wide

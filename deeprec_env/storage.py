@@ -20,6 +20,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 log = logging.getLogger("deeprec_env")
 
@@ -128,3 +131,16 @@ def discard(path: str | os.PathLike, error: BaseException, what: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into Python numbers and lists (non-finite floats kept)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -17,6 +17,7 @@ import numpy as np
 
 from deeprec_env.protocol import answer_text, call_text
 from deeprec_env.rewards import COMPONENTS
+from deeprec_env.storage import jsonable
 
 EnvFactory = Callable[[], gym.Env]
 
@@ -56,23 +57,13 @@ def scripted_actions(env: gym.Env) -> list:
 
 def _rollout(env: gym.Env, seed: int) -> list:
     obs, info = env.reset(seed=seed)
-    out = [(_plain(obs), _plain(info))]
+    out = [(jsonable(obs), jsonable(info))]
     for action in scripted_actions(env):
         obs, r, term, trunc, info = env.step(action)
-        out.append((_plain(obs), r, term, trunc, _plain(info)))
+        out.append((jsonable(obs), r, term, trunc, jsonable(info)))
         if term or trunc:
             break
     return out
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    return x
 
 
 def api_test(make_env: EnvFactory) -> None:
@@ -256,15 +247,15 @@ def sampled_actions_test(make_env: EnvFactory, seeds: tuple[int, ...] = (0, 1), 
             rng = np.random.default_rng(seed)
             actions = random_actions(env, rng)
             obs, info = env.reset(seed=seed)
-            out = [(obs, _plain(info))]
+            out = [(obs, jsonable(info))]
             for t in range(steps):
                 obs, r, term, trunc, info = env.step(next(actions))
                 assert obs in env.observation_space, f"seed {seed}, step {t}: observation outside the space"
                 assert np.isfinite(r), f"seed {seed}, step {t}: reward {r}"
-                out.append((obs, r, term, trunc, _plain(info)))
+                out.append((obs, r, term, trunc, jsonable(info)))
                 if term or trunc:
                     obs, info = env.reset(seed=seed + 1000 * (t + 1))
-                    out.append((obs, _plain(info)))
+                    out.append((obs, jsonable(info)))
             runs.append(out)
         assert data_equivalence(runs[0], runs[1]), f"seed {seed}: two environments diverged on sampled actions"
 

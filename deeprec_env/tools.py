@@ -152,21 +152,19 @@ class DeepRecTRLEnv:
         self._env = DeepRecEnv(resources=get_resources(EnvConfig(**kwargs)), **kwargs)
         self._return = 0.0
         self._done = True
-        self._info: dict = {}
 
     def reset(self, **row: Any) -> None:
         """Start the episode of ``row["user"]`` (a random one without it); the prompt is the dataset's."""
         user = row.get("user")
         self._env.reset(options=None if user is None else {"user": int(user)})
-        self._return, self._done, self._info = 0.0, False, {}
+        self._return, self._done = 0.0, False
 
     def _call(self, action: dict) -> str:
         if self._done:
             return "The episode has ended: no more tool calls."
-        obs, reward, terminated, truncated, info = self._env.step(action)
+        obs, reward, terminated, truncated, _ = self._env.step(action)
         self._return += float(reward)
         self._done = bool(terminated or truncated)
-        self._info = info
         return obs if not self._done else "Recommendation list received."
 
     def recommend(self, preference: str) -> str:
