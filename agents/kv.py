@@ -18,6 +18,15 @@ import torch
 from agents.rollout import sampling_logits
 
 
+def _common_prefix(rows: list[list[int]], longest: int) -> int:
+    """Length of the prefix all ``rows`` share, at most ``longest``."""
+    first = rows[0]
+    n = 0
+    while n < longest and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
 class KVBatch:
     """Episodes (rows) generating in lock step over one batched KV cache.
 
@@ -25,6 +34,9 @@ class KVBatch:
         model: the causal LM.
         pad_id: token id written into holes (never attended to).
     """
+
+    MIN_SHARED = 16
+    """Shortest common prompt prefix worth a forward pass of its own (shorter ones run with the rows)."""
 
     def __init__(self, model, pad_id: int) -> None:
         from transformers import DynamicCache
@@ -34,7 +46,10 @@ class KVBatch:
         self.device = next(model.parameters()).device
         self.cache = DynamicCache()
         forward = getattr(model, "get_base_model", lambda: model)().forward
-        self._cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        params = inspect.signature(forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # only the last column's logits are needed: a prompt's other rows would cost a vocabulary projection each
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.states: list = []
         self.fed: list[int] = []
@@ -66,17 +81,30 @@ class KVBatch:
         positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         # transformers >= 5.2x names the cache argument ``cache``; earlier versions ``past_key_values``
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         **{self._cache_arg: self.cache})  # fmt: skip
+                         **{self._cache_arg: self.cache}, **self._last_only)  # fmt: skip
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
         return out.logits[:, -1].float()
 
     def feed(self, trajectories: list) -> torch.Tensor:
-        """Append every row's tokens that are not in the cache yet; next-token logits ``(B, V)``."""
+        """Append every row's tokens that are not in the cache yet; next-token logits ``(B, V)``.
+
+        On an empty cache, the prefix every row shares (the instructions of the prompt) runs once, as a
+        batch of one, and its cache is copied to every row: the batch's prompts cost one instruction block.
+        """
         chunks = [t.ids[f:] for t, f in zip(trajectories, self.fed, strict=True)]
-        width = max(len(c) for c in chunks)
         if min(len(c) for c in chunks) == 0:
             raise RuntimeError("a row has no new tokens (an episode continued without an observation)")
+        if self.mask.shape[1] == 0 and len(chunks) > 1:
+            shared = _common_prefix(chunks, longest=min(len(c) for c in chunks) - 1)  # each row keeps >= 1 token
+            if shared >= self.MIN_SHARED:
+                self.mask = self.mask[:1]
+                self._forward(torch.as_tensor([chunks[0][:shared]], device=self.device),
+                              torch.ones((1, shared), dtype=torch.long, device=self.device))  # fmt: skip
+                self.cache.batch_repeat_interleave(len(chunks))
+                self.mask = self.mask.expand(len(chunks), -1).contiguous()
+                chunks = [c[shared:] for c in chunks]
+        width = max(len(c) for c in chunks)
         ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long, device=self.device)
         new_mask = torch.zeros((len(chunks), width), dtype=torch.long, device=self.device)
         for r, c in enumerate(chunks):  # right-aligned: the last column is every row's newest token

@@ -42,3 +42,33 @@ def test_kv_cache_batch_shrinks_as_episodes_end(lm, make_env):
     assert len(lengths) > 1  # some episodes ended earlier than others
     _, plain = _play(lm, make_env, False, 1.0, n=6, max_new_tokens=20, varied=True)
     assert [t.ids for t in trajs] == [t.ids for t in plain]
+
+
+def test_shared_prompt_prefix_runs_once(lm):
+    """Rows that share a prompt prefix: the prefix runs once (a batch of one); the logits are each row's own."""
+    from agents.kv import KVBatch
+    from agents.llm import Trajectory
+
+    model, tok = lm
+    prefix = list(range(5, 5 + KVBatch.MIN_SHARED + 4))
+    rows = [prefix + [40, 41, 42], prefix + [43], prefix + [44, 45]]
+    trajs = []
+    for ids in rows:
+        t = Trajectory()
+        t.extend(ids, policy=False)
+        trajs.append(t)
+    batch = KVBatch(model, tok.pad_token_id)
+    batch.attach([{} for _ in trajs])
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        with torch.inference_mode():
+            logits = batch.feed(trajs)
+    finally:
+        hook.remove()
+    assert shapes == [(1, len(prefix)), (3, 3)]
+    with torch.inference_mode():
+        for r, ids in enumerate(rows):
+            alone = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            assert torch.allclose(logits[r], alone, atol=1e-4)
