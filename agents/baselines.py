@@ -48,9 +48,13 @@ class _TwoStep(Policy):
         """The preference of the single call."""
         return "movies the user would enjoy next"
 
+    skip_seen = False
+    """Answer the best retrieved items that are not in the prompt's history, instead of the top 10 as is."""
+
     def ranking(self, state, retrieved: list[str]) -> list[str]:
-        """Titles to answer, best first (default: the retrieved list as is)."""
-        return retrieved
+        """Titles to answer, best first: the retrieved list, without the history's titles when ``skip_seen``."""
+        seen = seen_titles(state["prompt"]) if self.skip_seen else set()
+        return unseen_first(retrieved, seen, state["env"].config.answer_k)
 
     def act(self, state, obs: str) -> str:
         """Call first, then answer."""
@@ -97,17 +101,10 @@ class TRMOnlyPolicy(_TwoStep):
     """
 
     name = "trm-only"
-    skip_seen = False
-    """Answer the best retrieved items that are not in the prompt's history, instead of the top 10 as is."""
 
     def preference(self, state) -> str:
         """No preference."""
         return ""
-
-    def ranking(self, state, retrieved):
-        """The retrieved list, without the history's titles when ``skip_seen``."""
-        seen = seen_titles(state["prompt"]) if self.skip_seen else set()
-        return unseen_first(retrieved, seen, state["env"].config.answer_k)
 
 
 class TRMOnlyUnseenPolicy(TRMOnlyPolicy):
@@ -129,6 +126,17 @@ class TopCategoryPolicy(_TwoStep):
         """The most frequent category of the prompt's history."""
         top = top_categories(read_items(history_block(state["prompt"])))
         return top[0] if top else "movies the user would enjoy next"
+
+
+class TopCategoryUnseenPolicy(TopCategoryPolicy):
+    """:class:`TopCategoryPolicy` that skips titles already in the prompt's history.
+
+    A word for the TRM and what the prompt shows: the two things an LLM agent can add to the TRM alone (the
+    teacher of the bundled CPU run's warm start).
+    """
+
+    name = "history-top-category-unseen"
+    skip_seen = True
 
 
 class OraclePolicy(_TwoStep):
@@ -235,6 +243,7 @@ BASELINES = {
     "trm-only": TRMOnlyPolicy,
     "trm-only-unseen": TRMOnlyUnseenPolicy,
     "history-top-category": TopCategoryPolicy,
+    "history-top-category-unseen": TopCategoryUnseenPolicy,
     "history-facet": HistoryFacetPolicy,
     "history-describer": HistoryDescriberPolicy,
     "oracle-preference": OraclePolicy,

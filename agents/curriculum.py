@@ -4,6 +4,8 @@
 
 ``--warm-start history-facet`` first fine-tunes ``--model`` on scripted-agent transcripts (agents.sft):
 needed for models too small to ever call the tool by themselves (SmolLM2-135M); the paper has no such step.
+With ``--lora-r`` the warm start trains the LoRA adapter the stages continue. ``--coldstart-steps 0`` skips
+stage 1 (stage 2 starts from the warm start).
 Stage 1 starts from ``--model`` (or the warm start) and draws from the first half of the filtered
 training users; stage 2 starts from stage 1's checkpoint and draws from the second half. Each stage writes
 ``<out>/<stage>/log.jsonl``, ``curves.png`` and ``checkpoint/`` (model, tokenizer, optimizer state);
@@ -28,7 +30,10 @@ def run_curriculum(base: GRPOArgs, coldstart_steps: int, rec_steps: int, env_kwa
     """Train stage 1 then stage 2; returns the final checkpoint folder.
 
     ``warm_start`` first fine-tunes ``base.model`` on scripted transcripts into ``<out>/warmstart``.
+    ``coldstart_steps=0`` skips stage 1: stage 2 starts from the warm start (or ``base.model``).
     """
+    if coldstart_steps < 0 or rec_steps < 1:
+        raise ValueError(f"coldstart_steps={coldstart_steps}, rec_steps={rec_steps}; need >= 0 and >= 1")
     out = Path(base.out)
     if warm_start is not None:
         ws = replace(
@@ -40,11 +45,13 @@ def run_curriculum(base: GRPOArgs, coldstart_steps: int, rec_steps: int, env_kwa
             out=str(out / "warmstart"),
         )
         base = replace(base, model=str(train_sft(ws, env_kwargs, progress=progress)))
-    stage1 = replace(base, stage="coldstart", steps=coldstart_steps, users="first-half", out=str(out / "coldstart"))
-    ckpt1 = train(stage1, env_kwargs, progress=progress)
-    stage2 = replace(base, model=str(ckpt1), stage="rec", steps=rec_steps, users="second-half", out=str(out / "rec"))
+    stages = ("coldstart", "rec") if coldstart_steps else ("rec",)
+    if coldstart_steps:
+        stage1 = replace(base, stage="coldstart", steps=coldstart_steps, users="first-half", out=str(out / "coldstart"))
+        base = replace(base, model=str(train(stage1, env_kwargs, progress=progress)))
+    stage2 = replace(base, stage="rec", steps=rec_steps, users="second-half", out=str(out / "rec"))
     ckpt2 = train(stage2, env_kwargs, progress=progress)
-    rows = [r for stage in ("coldstart", "rec") for r in read_log(out / stage / "log.jsonl")]
+    rows = [r for stage in stages for r in read_log(out / stage / "log.jsonl")]
     for i, r in enumerate(rows):
         r["step"] = i  # one x axis across both stages
     write_log(out / "log.jsonl", rows)
@@ -79,7 +86,8 @@ def main(argv=None) -> None:
         except ValueError:
             ap.error(f"--warm-start-calls {ns.warm_start_calls!r}: expected integers separated by commas, e.g. 1,2")
         warm = SFTArgs(teacher=ns.warm_start, teacher_calls=calls, episodes=ns.warm_start_episodes,
-                       epochs=ns.warm_start_epochs, lr=ns.warm_start_lr, seed=base.seed)  # fmt: skip
+                       epochs=ns.warm_start_epochs, lr=ns.warm_start_lr, seed=base.seed,
+                       lora_r=base.lora_r)  # fmt: skip
     ckpt = run_curriculum(base, ns.coldstart_steps, ns.rec_steps, warm_start=warm)
     print(f"final checkpoint: {ckpt}; logs and curves under {base.out}")
 

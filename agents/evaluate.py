@@ -182,6 +182,17 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
     return result
 
 
+def paired_difference(a: dict, b: dict, seed: int = 0, n: int = 2000) -> tuple[float, float, float, int]:
+    """Mean of ``a[k] - b[k]`` over the keys both have, its 95% bootstrap interval, and the number of keys."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("no episode in common: a paired difference needs the same episodes")
+    d = np.array([a[k] - b[k] for k in common])
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return float(d.mean()), float(lo), float(hi), len(d)
+
+
 def compare(summary: dict, reference: dict, seed: int = 0, n: int = 2000) -> str:
     """Whether ``summary``'s agent beats ``reference``'s on NDCG@10, paired on the episodes both played.
 
@@ -189,15 +200,11 @@ def compare(summary: dict, reference: dict, seed: int = 0, n: int = 2000) -> str
     bootstrap interval; "yes" / "no" when the interval excludes 0, "tie" when it does not.
     """
     a, b = summary["per_episode_ndcg@10"], reference["per_episode_ndcg@10"]
-    common = sorted(set(a) & set(b))
-    if not common or summary is reference:
+    if summary is reference or not set(a) & set(b):
         return "-"
-    d = np.array([a[k] - b[k] for k in common])
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, len(d), (n, len(d)))].mean(1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
+    mean, lo, hi, _ = paired_difference(a, b, seed, n)
     verdict = "yes" if lo > 0 else "no" if hi < 0 else "tie"
-    return f"{verdict}: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"{verdict}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def _plain(x):

@@ -399,17 +399,13 @@ def _accelerator(args: GRPOArgs):
 
 def _trainable_model(args: GRPOArgs, accelerator, resume_from: Path | None):
     """The policy (LoRA-wrapped if asked), its tokenizer, optimizer (state restored) and the KL reference."""
-    from agents.llm import load_causal_lm
+    from agents.llm import add_lora, load_causal_lm
 
     device, world = str(accelerator.device), accelerator.num_processes
     model, tok = load_causal_lm(str(resume_from or args.model), device=device, dtype=args.dtype,
                                 trainable_adapter=True)  # fmt: skip
-    if args.lora_r > 0 and not hasattr(model, "peft_config"):
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as e:
-            raise ImportError("LoRA needs peft: pip install peft") from e
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM"))
+    if args.lora_r > 0:
+        model = add_lora(model, args.lora_r)
     ref_model = None
     if args.kl_coef > 0:
         ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)

@@ -72,12 +72,13 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
         _require("peft")
         from peft import PeftModel
 
-        base, _ = load_causal_lm(base_name, device=device, dtype=dtype)
-        from transformers import AutoTokenizer
+        base, tok = load_causal_lm(base_name, device=device, dtype=dtype)
+        if (Path(str(model)) / "tokenizer_config.json").is_file():  # else the base model's tokenizer
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model))
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
+            tok = AutoTokenizer.from_pretrained(str(model))
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
         lm = PeftModel.from_pretrained(base, str(model), is_trainable=trainable_adapter)
         return (lm if trainable_adapter else lm.merge_and_unload()).to(device).eval(), tok
     import torch
@@ -115,9 +116,27 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
         path = str(cached)
     tok = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if model == DEFAULT_MODEL:
+        lm.name_or_path = DEFAULT_MODEL  # what a LoRA adapter records as its base: portable, not the cache path
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return lm, tok
+
+
+def add_lora(model, r: int):
+    """``model`` with a fresh peft LoRA adapter of rank ``r`` (alpha ``2r``) on every linear layer.
+
+    Every linear layer but the output head (peft's ``"all-linear"``): on SmolLM2-135M a warm start with the
+    adapter on the attention's query and value maps only (peft's default) did not learn to call the tool in 8
+    steps. Only the adapter trains. A model that already has one (a LoRA checkpoint loaded to continue) is
+    returned as is.
+    """
+    if hasattr(model, "peft_config"):
+        return model
+    _require("peft")
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
 @dataclass

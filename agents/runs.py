@@ -52,7 +52,10 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, ac
             accelerator.save_state(str(tmp / "engine"))  # collective
         if main:
             unwrapped = model if accelerator is None else accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(tmp, **({"state_dict": state} if sharded else {}))
+            kwargs = {"state_dict": state} if sharded else {}
+            if hasattr(unwrapped, "peft_config"):  # the adapter only; peft would look the base up on the hub
+                kwargs["save_embedding_layers"] = False
+            unwrapped.save_pretrained(tmp, **kwargs)
             tokenizer.save_pretrained(tmp)
             if not sharded:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -107,12 +110,13 @@ def write_log(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
-def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
-    """Greedy Recall/NDCG on a fixed subset of the validation episodes (``rollout.VALIDATION_EPISODES``).
+def validation_records(policy, env_kwargs: dict, n_users: int, resources=None, batch_size: int = 8) -> list:
+    """Greedy episodes of ``policy`` on a fixed subset of the validation episodes, as ``EpisodeRecord``s.
 
-    The subset is the first ``n_users`` of a seeded order.
+    The episodes are ``rollout.VALIDATION_EPISODES``; the subset is the first ``n_users`` of a seeded order,
+    the same for every call.
     """
-    from agents.evaluate import episode_options, evaluate_agent, summarize
+    from agents.evaluate import episode_options, evaluate_agent
     from agents.rollout import VALIDATION_EPISODES
     from deeprec_env.env import EnvConfig, episode_split, get_resources
 
@@ -120,14 +124,22 @@ def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
     config = EnvConfig(**kwargs)
     resources = resources or get_resources(config)
     n = len(episode_split(config, resources.dataset))
-    saved = policy.temperature
-    policy.temperature = 0.0
+    saved = getattr(policy, "temperature", None)  # scripted agents have none
+    if saved is not None:
+        policy.temperature = 0.0
     try:
-        recs = evaluate_agent(policy, kwargs, episode_options(n, n_users, 0), batch_size=min(8, n_users),
+        return evaluate_agent(policy, kwargs, episode_options(n, n_users, 0), batch_size=min(batch_size, n_users),
                               progress=False, resources=resources)  # fmt: skip
     finally:
-        policy.temperature = saved
-    s = summarize(recs)
+        if saved is not None:
+            policy.temperature = saved
+
+
+def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
+    """Greedy Recall/NDCG, format failures and calls on :func:`validation_records`, as ``val_*`` log fields."""
+    from agents.evaluate import summarize
+
+    s = summarize(validation_records(policy, env_kwargs, n_users, resources))
     return {f"val_{k}": s[k] for k in ("recall@10", "ndcg@10", "format_fail", "calls")}
 
 

@@ -49,7 +49,9 @@ class SFTArgs(EpisodeSettings):
     micro_batch: int = 1
     """Demonstrations per forward/backward pass."""
     lr: float = 5e-5
-    """Adam learning rate."""
+    """Adam learning rate (LoRA wants a larger one than full fine-tuning, e.g. 1e-3)."""
+    lora_r: int = 0
+    """LoRA rank through peft (0: full fine-tuning). The RL stages continue training the same adapter."""
     betas: tuple[float, float] = (0.9, 0.95)
     """Adam betas."""
     grad_clip: float = 1.0
@@ -162,7 +164,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     """
     from tqdm.auto import tqdm
 
-    from agents.llm import load_causal_lm
+    from agents.llm import add_lora, load_causal_lm
     from agents.runs import recover_checkpoint, run_state, save_checkpoint, write_log
 
     out = Path(args.out)
@@ -174,7 +176,10 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     start, history, resume_from = run_state(out)
     t0 = time.perf_counter()
-    model, tok = load_causal_lm(str(resume_from or args.model), device=args.device, dtype=args.dtype)
+    model, tok = load_causal_lm(str(resume_from or args.model), device=args.device, dtype=args.dtype,
+                                trainable_adapter=True)  # fmt: skip
+    if args.lora_r > 0:
+        model = add_lora(model, args.lora_r)
     env_kwargs = args.env_kwargs("rec", env_kwargs)
     from deeprec_env.env import EnvConfig, episode_split, get_resources
 

@@ -47,7 +47,7 @@ def test_oracle_is_labelled_and_beats_random(env_kwargs, resources, options):
 def test_unseen_agents_skip_the_prompts_history(env_kwargs, resources, options):
     from agents.baselines import seen_titles
 
-    for name in ("trm-only-unseen", "history-describer"):
+    for name in ("trm-only-unseen", "history-top-category-unseen", "history-describer"):
         records = evaluate_agent(BASELINES[name](), env_kwargs, options[:30], batch_size=10, progress=False)
         env = DeepRecEnv(resources=resources, **env_kwargs)
         for o, r in zip(options[:30], records, strict=True):

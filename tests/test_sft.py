@@ -98,3 +98,30 @@ def test_curriculum_starts_stage1_from_the_warm_start(tmp_path, tiny_lm_path, en
     assert stage1["args"]["model"] == str(tmp_path / "warmstart" / "checkpoint")
     sft = json.loads((tmp_path / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
     assert sft["args"]["model"] == str(tiny_lm_path) and sft["args"]["prompt_history"] == 5
+
+
+def test_lora_warm_start_then_stage_2_continue_one_adapter(tmp_path, tiny_lm_path, env_kwargs, resources):
+    """A LoRA warm start saves an adapter only; stage 2 (stage 1 skipped) trains that same adapter further."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from agents.curriculum import run_curriculum
+    from agents.grpo import GRPOArgs
+
+    base = GRPOArgs(model=str(tiny_lm_path), users_per_step=1, group_size=2, max_new_tokens=6, micro_batch=1,
+                    rollout_batch=2, val_users=0, out=str(tmp_path), prompt_history=5, lora_r=2,
+                    temperature=1.5)  # fmt: skip
+    warm = SFTArgs(episodes=2, epochs=1, batch=2, lr=1e-2, lora_r=2)
+    final = run_curriculum(base, coldstart_steps=0, rec_steps=1, env_kwargs=env_kwargs, warm_start=warm,
+                           progress=False)  # fmt: skip
+    assert not (tmp_path / "coldstart").exists() and final == tmp_path / "rec" / "checkpoint"
+    sft = tmp_path / "warmstart" / "checkpoint"
+    assert {p.name for p in sft.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert not (sft / "model.safetensors").exists()  # the adapter only
+    before, after = load_file(sft / "adapter_model.safetensors"), load_file(final / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all("lora_" in k for k in before)
+    assert any("mlp" in k for k in before)  # every linear layer, not only the attention's
+    stage2 = json.loads((final / "trainer_state.json").read_text())
+    assert stage2["args"]["model"] == str(sft)
+    with pytest.raises(ValueError, match="coldstart_steps"):
+        run_curriculum(base, coldstart_steps=-1, rec_steps=1, env_kwargs=env_kwargs)
