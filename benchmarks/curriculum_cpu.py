@@ -1,13 +1,21 @@
-"""The two-stage curriculum on a CPU: SmolLM2-135M on the embedded ml-100k, warm-started.
+"""Stage 2 on a CPU: SmolLM2-135M with a LoRA adapter on the embedded ml-100k, validated before and after.
 
-    python -m benchmarks.curriculum_cpu             # ~52 min on a 2-core CPU, from an empty cache
+    python -m benchmarks.curriculum_cpu             # ~1 h on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-Runs ``agents.curriculum`` with the settings below (warm start on history-facet transcripts, then
-stage ``coldstart``, then stage ``rec`` from its checkpoint), then writes into
-``benchmarks/results/curriculum_cpu/``: the combined per-step log (``log.jsonl``), the warm start's
-log (``warmstart.jsonl``), ``curves.png`` and ``README.md`` (the command, the protocol, a table of
-every step, and first-vs-last comparisons computed from the log). Re-running resumes the run folder.
+1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
+   (one call with the history's top category, then the retrieved titles that are not in the prompt's
+   history). SmolLM2-135M never calls the tool by itself, so RL cannot start from it (``docs/training.md``).
+2. Greedy validation of the warm start on ``VAL_USERS`` fixed users (the evaluation group's valid targets).
+3. Stage 2 (``rec`` rewards: format, hit, rank, point) for ``STEPS["rec"]`` steps, continuing the adapter
+   (``agents.curriculum``; stage 1 is skipped with ``STEPS["coldstart"] = 0``: the warm start already calls).
+4. Greedy validation after stage 2 on the same users: the per-user paired NDCG@10 difference with a 95%
+   bootstrap interval, and recall, format failures, calls.
+
+Writes ``benchmarks/results/curriculum_cpu/`` (``log.jsonl``, ``warmstart.jsonl``, ``validation.json``,
+``curves.png``, ``settings.json`` and ``README.md``) and copies the final adapter to ``--export`` (the full
+run: ``agents/adapters/smollm2-deeprec``, the ``llm (DeepRec-trained)`` row of ``make demo``). Re-running
+resumes the run folder.
 """
 
 from __future__ import annotations
@@ -23,30 +31,26 @@ import numpy as np
 
 from agents.curriculum import run_curriculum
 from agents.grpo import GRPOArgs
-from agents.sft import SFTArgs
+from agents.rollout import episode_settings
+from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 
+ADAPTER = Path(__file__).resolve().parents[1] / "agents" / "adapters" / "smollm2-deeprec"
+"""Where the full run's adapter is committed (``make demo`` evaluates it)."""
 CPU_ARGS = GRPOArgs(users_per_step=2, group_size=4, rollout_batch=8, micro_batch=2, prompt_history=5,
-                    retrieval_k=10, lr=2e-5, val_users=2, eval_every=100, out="runs/curriculum-cpu")  # fmt: skip
-"""Stage settings of the CPU run (every other field at its GRPOArgs default). Validation (greedy, 2 users) runs
-only after the last step of each stage (``eval_every=100``): on 2 cores a greedy pass costs about 35 s per
-user, and the run has to fit in an hour from an empty cache; validation does not change the training
-numbers (each step reseeds the sampler)."""
-CPU_WARM = SFTArgs(teacher_calls=(1, 2), episodes=24, epochs=2, batch=8, micro_batch=2, lr=1e-4)
-"""Warm-start settings of the CPU run: the demonstrations make one or two calls, never three, so a rise of
-the invocation reward (which pays up to three) is something stage 1 has to find by itself."""
-STEPS = {"coldstart": 6, "rec": 1}
-"""Optimiser steps per stage. Stage 2 gets one step: on this CPU it shows the stage runs from stage 1's
-checkpoint, not that it learns (a 2-step run showed nothing more, and took the command past the hour)."""
-
-
-def _first_last(rows: list[dict], key: str, n: int = 3) -> dict:
-    vals = [r[key] for r in rows if key in r]
-    n = min(n, len(vals) // 2)
-    if n < 1:
-        return {"steps compared": "-", "first": "-", "last": "-"}
-    return {"steps compared": f"first {n} vs last {n} of {len(vals)}", "first": f"{np.mean(vals[:n]):.3f}",
-            "last": f"{np.mean(vals[-n:]):.3f}"}  # fmt: skip
+                    retrieval_k=10, lr=1e-4, lora_r=8, mini_batches=2, val_users=0,
+                    out="runs/curriculum-cpu")  # fmt: skip
+"""Stage settings of the CPU run (every other field at its GRPOArgs default): 5 history items in the prompt and
+10 items per call keep an episode near 1,100 tokens; two optimiser steps per rollout batch, as the paper.
+Validation runs in this script, before and after the stage, on ``VAL_USERS`` users."""
+CPU_WARM = SFTArgs(teacher="history-top-category-unseen", episodes=32, epochs=3, batch=8, micro_batch=2, lr=1e-3,
+                   lora_r=8)  # fmt: skip
+"""Warm-start settings: a LoRA adapter of rank 8 on every linear layer (LoRA takes a larger learning rate than full
+fine-tuning)."""
+STEPS = {"coldstart": 0, "rec": 8}
+"""Optimiser steps per stage: stage 1 skipped, 8 steps of stage 2 (64 sampled episodes)."""
+VAL_USERS = 32
+"""Fixed validation users, evaluated greedily before and after stage 2."""
 
 
 def cache_contents() -> str:
@@ -58,63 +62,121 @@ def cache_contents() -> str:
     return ", ".join(parts) if parts else "empty"
 
 
-def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dict, timing: dict | None = None) -> str:
+def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_users: int, cache: Path) -> list[dict]:
+    """Greedy episodes of ``checkpoint`` on the fixed validation users (cached in ``cache``, a JSON-lines file)."""
+    if cache.is_file():
+        return [json.loads(x) for x in cache.read_text().splitlines()]
+    from agents.llm import LLMPolicy
+    from agents.runs import validation_records
+
+    policy = LLMPolicy(str(checkpoint), device=base.device, dtype=base.dtype, max_new_tokens=base.max_new_tokens)
+    recs = validation_records(policy, base.env_kwargs("rec", env_kwargs), n_users, batch_size=n_users)
+    rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
+             "hallucinated": r.hallucinated, "seen": r.seen, "reward": r.reward}
+            for i, r in enumerate(recs)]  # fmt: skip
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def scripted_validation(base: GRPOArgs, env_kwargs: dict | None, n_users: int, names: tuple[str, ...]) -> list[dict]:
+    """NDCG@10 / Recall@10 of scripted agents on the same validation users (the scale the LLM's figures sit on)."""
+    from agents.baselines import BASELINES
+    from agents.evaluate import summarize
+    from agents.runs import validation_records
+
+    rows = []
+    for name in names:
+        s = summarize(validation_records(BASELINES[name](), base.env_kwargs("rec", env_kwargs), n_users))
+        rows.append({"agent": name, "ndcg@10": s["ndcg@10"], "recall@10": s["recall@10"]})
+    return rows
+
+
+def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict:
+    """Means before and after, and the paired per-user NDCG@10 / Recall@10 differences with 95% intervals."""
+    from agents.evaluate import paired_difference
+
+    keys = {
+        "ndcg@10": "ndcg@10",
+        "recall@10": "recall@10",
+        "format_fail": "format_fail",
+        "calls": "calls",
+        "hallucinated": "answer lines naming no item",
+        "seen": "answer lines the history has",
+        "reward": "reward",
+    }
+    rows = [{"quantity": label, "before": float(np.mean([r[k] for r in before])),
+             "after": float(np.mean([r[k] for r in after]))} for k, label in keys.items()]  # fmt: skip
+    for row in rows:
+        if row["quantity"] in ("ndcg@10", "recall@10"):
+            k = row["quantity"]
+            mean, lo, hi, n = paired_difference({r["example"]: r[k] for r in after},
+                                                {r["example"]: r[k] for r in before}, seed)  # fmt: skip
+            row["paired difference (95% CI)"] = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] over {n} users"
+    return {"users": len(before), "rows": rows}
+
+
+def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str) -> None:
+    """Copy the adapter (config and weights only: the base model's tokenizer serves) and its settings to ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(checkpoint / name, dest / name)
+    settings = {"episode": episode_settings(base), "max_new_tokens": base.max_new_tokens}
+    (dest / "deeprec.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (dest / "README.md").write_text(readme)
+
+
+def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dict, val: dict,
+              timing: dict | None = None) -> str:  # fmt: skip
     """README text of a finished run folder; ``timing`` (wall seconds, cache at start) when the run was timed."""
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     state = json.loads((out / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
-    cols = ["step", "stage", "reward", "calls", "format_fail", "reward_invocation", "reward_diversity", "reward_hit",
-            "loss", "val_ndcg@10", "val_format_fail", "val_calls", "seconds"]  # fmt: skip
-    table = markdown_table(rows, cols)
-    by_stage = {s: [r for r in rows if r["stage"] == s] for s in ("coldstart", "rec")}
-    compare = [
-        {"stage": s, "quantity": k, **_first_last(by_stage[s], k)}
-        for s, keys in (("coldstart", ("reward", "calls", "format_fail")), ("rec", ("reward", "format_fail")))
-        for k in keys
-    ]
-    val = [r for r in rows if "val_ndcg@10" in r]
+    cols = ["step", "stage", "reward", "reward_hit", "reward_rank", "calls", "format_fail", "loss", "clip_fraction",
+            "seconds"]  # fmt: skip
     protocol = {
-        "model": f"{base.model} (SmolLM2-135M-Instruct, fp32), chat prompt, sampling temperature {base.temperature}",
+        "model": f"{base.model} (SmolLM2-135M-Instruct, fp32) + LoRA r={base.lora_r} on every linear layer, "
+        f"chat prompt, sampling temperature {base.temperature}",
         "data": f"{base.dataset}, training episodes = the test targets of the RL user group; validation = greedy "
-        f"episodes on the first {base.val_users} users of a seeded order of the evaluation group's valid targets",
-        "warm start": f"SFT on {state['demonstrations']} {warm.teacher} transcripts (calls drawn from "
-        f"{warm.teacher_calls}, mean {state['teacher_calls_mean']:.2f}; {state['mean_tokens']:.0f} tokens each), "
-        f"{warm.epochs} epochs, batch {warm.batch}, lr {warm.lr}, {state['seconds']:.0f} s",
-        "stage 1": f"coldstart (format + invocation + diversity), {steps['coldstart']} steps, first half of the "
-        f"training users whose target is in the TRM's top-{base.difficulty_top}",
-        "stage 2": f"rec (format + hit + rank + point), {steps['rec']} steps from stage 1's checkpoint, second half",
-        "per step": f"{base.users_per_step} users x {base.group_size} samples, lr {base.lr}, Adam {base.betas}, "
-        f"clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), whitening '{base.whiten}', KL {base.kl_coef}",
+        f"episodes on the first {val['users']} users of a seeded order of the evaluation group's valid targets",
+        "warm start": f"SFT on {state['demonstrations']} {warm.teacher} transcripts (teacher NDCG@10 "
+        f"{state['teacher_ndcg@10']:.3f} on them; {state['mean_tokens']:.0f} tokens each), {warm.epochs} epochs, "
+        f"batch {warm.batch}, lr {warm.lr}, {state['seconds']:.0f} s",
+        "stage 1": "skipped" if not steps["coldstart"] else f"coldstart, {steps['coldstart']} steps",
+        "stage 2": f"rec (format + hit + rank + point), {steps['rec']} steps from the warm start, the second half "
+        f"of the training users whose target is in the TRM's top-{base.difficulty_top}",
+        "per step": f"{base.users_per_step} users x {base.group_size} samples, {base.mini_batches} optimiser steps per "
+        f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
+        f"whitening '{base.whiten}', KL {base.kl_coef}",
         "episode": f"last {base.prompt_history} history items in the prompt, top-{base.retrieval_k} items per call, "
         f"at most {base.max_new_tokens} new tokens per segment",
         "seed": base.seed,
     }
     if timing:
-        protocol["wall clock"] = (f"{timing['seconds'] / 60:.1f} min for this command (warm start, both stages, "
-                                  f"summary; cache at start: {timing['cache_at_start']})")  # fmt: skip
-    text = (
-        "# CPU curriculum run (SmolLM2-135M-Instruct, embedded ml-100k)\n\n"
+        protocol["wall clock"] = (f"{timing['seconds'] / 60:.1f} min for this command (warm start, validations, "
+                                  f"stage 2; cache at start: {timing['cache_at_start']})")  # fmt: skip
+    vcols = ["quantity", "before", "after", "paired difference (95% CI)"]
+    scols = ["agent", "ndcg@10", "recall@10"]
+    return (
+        "# Stage 2 on a CPU (SmolLM2-135M-Instruct + LoRA, embedded ml-100k)\n\n"
         f"Command (written by it; 2-core CPU):\n\n```bash\n{command}\n```\n\n"
         f"Protocol:\n{protocol_text(protocol)}\n\n"
-        f"## First vs last steps\n\n{markdown_table(compare, list(compare[0]))}\n\n"
-        + (
-            f"Validation NDCG@10 at steps {[r['step'] for r in val]}: {[round(r['val_ndcg@10'], 4) for r in val]}\n\n"
-            if val
-            else ""
-        )
-        + f"## Every step\n\n{table}\n\n![curves](curves.png)\n"
+        f"## Validation before and after stage 2 ({val['users']} fixed users, greedy)\n\n"
+        f"{markdown_table(val['rows'], vcols)}\n\n"
+        f"Scripted agents on the same users and episodes:\n\n{markdown_table(val['scripted'], scols)}\n\n"
+        f"## Every step\n\n{markdown_table(rows, cols)}\n\n![curves](curves.png)\n"
     )
-    return text
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/curriculum_cpu)")
     ap.add_argument("--run", default=None, help="run folder (default runs/curriculum-cpu)")
+    ap.add_argument("--export", default=None, help="copy the final adapter here (the full run: agents/adapters/...)")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic model and data, seconds")
     ap.add_argument("--model", default=None, help="policy to start from (default: smollm2)")
     ap.add_argument("--encoder", default=None, help="text encoder of the env (default: the embedded MiniLM)")
     args = ap.parse_args(argv)
-    base, warm, steps, env_kwargs = CPU_ARGS, CPU_WARM, dict(STEPS), None
+    base, warm, steps, env_kwargs, n_val = CPU_ARGS, CPU_WARM, dict(STEPS), None, VAL_USERS
+    export = Path(args.export) if args.export else (None if args.smoke else ADAPTER)
     if args.model:
         base = replace(base, model=args.model)
     if args.run:
@@ -122,29 +184,42 @@ def main(argv=None) -> None:
     if args.smoke:
         from deeprec_env.trm import TRMConfig
 
-        base = replace(base, users_per_step=1, group_size=2, rollout_batch=2, max_new_tokens=8, val_users=2,
-                       eval_every=1, dataset="synthetic")  # fmt: skip
-        warm = replace(warm, episodes=2, epochs=1, batch=2)
-        steps = {"coldstart": 1, "rec": 1}
+        base = replace(base, users_per_step=1, group_size=2, rollout_batch=2, max_new_tokens=8, lora_r=2,
+                       dataset="synthetic")  # fmt: skip
+        warm = replace(warm, episodes=2, epochs=1, batch=2, lora_r=2)
+        steps, n_val = {"coldstart": 0, "rec": 1}, 3
         env_kwargs = {"trm": TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)}
     if args.encoder:
         env_kwargs = {**(env_kwargs or {}), "encoder": args.encoder}
     command = "python -m benchmarks.curriculum_cpu" + (" --smoke" if args.smoke else "")
-    t0, cache_at_start = time.perf_counter(), cache_contents()
-    resumed = (Path(base.out) / "log.jsonl").exists() or (Path(base.out) / "warmstart").exists()
-    run_curriculum(base, steps["coldstart"], steps["rec"], env_kwargs, warm_start=warm, progress=not args.smoke)
     run = Path(base.out)
+    t0, cache_at_start = time.perf_counter(), cache_contents()
+    resumed = (run / "log.jsonl").exists() or (run / "warmstart").exists()
+    warm = replace(warm, **episode_settings(base), model=base.model, device=base.device, dtype=base.dtype,
+                   out=str(run / "warmstart"))  # fmt: skip
+    warm_ckpt = train_sft(warm, env_kwargs, progress=not args.smoke)
+    before = validation(warm_ckpt, base, env_kwargs, n_val, run / "val_before.jsonl")
+    final = run_curriculum(replace(base, model=str(warm_ckpt)), steps["coldstart"], steps["rec"], env_kwargs,
+                           progress=not args.smoke)  # fmt: skip
+    after = validation(final, base, env_kwargs, n_val, run / "val_after.jsonl")
+    val = compare_validation(before, after, base.seed)
+    val["scripted"] = scripted_validation(base, env_kwargs, n_val, ("trm-only", warm.teacher))
     dest = Path(args.out) if args.out else RESULTS / ("curriculum_cpu" + ("_smoke" if args.smoke else ""))
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "log.jsonl", dest / "log.jsonl")
     shutil.copy(run / "warmstart" / "log.jsonl", dest / "warmstart.jsonl")
     shutil.copy(run / "curves.png", dest / "curves.png")
+    (dest / "validation.json").write_text(json.dumps({**val, "before": before, "after": after}, indent=2) + "\n")
     # a resumed run's time is not the command's: leave it out rather than print a wrong figure
     timing = None if resumed else {"seconds": time.perf_counter() - t0, "cache_at_start": cache_at_start}
-    (dest / "README.md").write_text(summarize(run, command, base, warm, steps, timing))
+    readme = summarize(run, command, base, warm, steps, val, timing)
+    (dest / "README.md").write_text(readme)
     (dest / "settings.json").write_text(json.dumps({"stage": asdict(base), "warm_start": asdict(warm),
-                                                    "steps": steps, "timing": timing}, indent=2))  # fmt: skip
-    print((dest / "README.md").read_text())
+                                                    "steps": steps, "val_users": n_val, "timing": timing},
+                                                   indent=2))  # fmt: skip
+    if export is not None:
+        export_adapter(final, export, base, readme)
+    print(readme)
 
 
 if __name__ == "__main__":

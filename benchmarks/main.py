@@ -1,18 +1,23 @@
 """The main job (``make demo``): every agent on the same ml-100k test users, under one protocol.
 
-Agents: random, popularity, TRM only, history-facet, oracle preference (privileged upper bound),
-PPO from stable-baselines3 on the numeric view (trained here briefly, or loaded with --sb3-model),
-the SmolLM2-135M-Instruct policy zero-shot (on a fixed subset of users), and a trained LLM checkpoint
-when --checkpoint is given. Prints the table with its protocol and writes JSON, markdown and a PNG.
+Agents: random, popularity, TRM only, the history-derived scripted agents, oracle preference (privileged
+upper bound), PPO from stable-baselines3 on the numeric view (trained here briefly, or loaded with
+--sb3-model), and two LLM rows on a fixed subset of the users: the SmolLM2-135M-Instruct policy zero-shot
+and the same model with the LoRA adapter trained on this environment (``agents/adapters/smollm2-deeprec``,
+made by ``python -m benchmarks.curriculum_cpu``; ``--trained`` names another checkpoint or adapter). Both
+LLM rows play the episodes the adapter was trained on (its ``deeprec.json``: history shown, items per call,
+tokens per segment). Prints the table with its protocol and writes JSON, markdown and a PNG.
 
-    python -m benchmarks.main                         # ~7 min on a 2-core CPU; writes runs/main/
+    python -m benchmarks.main                         # ~10 min on a 2-core CPU; writes runs/main/
     python -m benchmarks.main --out benchmarks/results  # refresh the committed results (then benchmarks.report)
-    python -m benchmarks.main --users 200 --llm-users 8 --device cuda --model Qwen/Qwen2.5-0.5B-Instruct
+    python -m benchmarks.main --users 200 --llm-users 8 --device cuda --model Qwen/Qwen2.5-0.5B-Instruct \
+        --trained runs/curriculum/rec/checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +27,34 @@ from benchmarks.common import environment, markdown_table, protocol_text, write_
 
 COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds",
            "beats trm-only (NDCG@10, paired 95% CI)"]  # fmt: skip
+
+TRAINED = Path(__file__).resolve().parents[1] / "agents" / "adapters" / "smollm2-deeprec"
+"""The bundled adapter (SmolLM2-135M-Instruct + LoRA, trained by ``python -m benchmarks.curriculum_cpu``)."""
+
+
+def llm_settings(trained: str | None) -> tuple[dict, int | None]:
+    """History shown, items per call and tokens per segment the trained checkpoint was made with.
+
+    From its ``deeprec.json`` (an exported adapter) or ``trainer_state.json`` (a trainer's checkpoint);
+    ``({}, None)`` (the scripted agents' episodes) when it has neither.
+    """
+    folder = Path(trained) if trained else None
+    if folder is not None and (folder / "deeprec.json").is_file():
+        settings = json.loads((folder / "deeprec.json").read_text())
+        made, tokens = settings["episode"], settings.get("max_new_tokens")
+    elif folder is not None and (folder / "trainer_state.json").is_file():
+        made = json.loads((folder / "trainer_state.json").read_text()).get("args", {})
+        tokens = made.get("max_new_tokens")
+    else:
+        return {}, None
+    return {k: made[k] for k in ("prompt_history", "retrieval_k") if k in made}, tokens
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when inside it (a protocol line that is the same in every clone)."""
+    root = Path(__file__).resolve().parents[1]
+    full = Path(path).resolve()
+    return str(full.relative_to(root)) if full.is_relative_to(root) else path
 
 
 def plot(summaries: list[dict], path: Path, title: str) -> None:
@@ -51,12 +84,14 @@ def main(argv=None) -> None:
     ap.add_argument("--dataset-path", default=None)
     ap.add_argument("--split", default="test")
     ap.add_argument("--users", type=int, default=None, help="episodes per scripted agent (default: all users)")
-    ap.add_argument("--llm-users", type=int, default=16, help="episodes for LLM agents (fixed subset)")
+    ap.add_argument("--llm-users", type=int, default=64, help="episodes for LLM agents (fixed subset)")
     ap.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a hub id or a local path")
-    ap.add_argument("--checkpoint", default=None, help="a trained LLM checkpoint to add to the comparison")
+    ap.add_argument("--trained", default=str(TRAINED),
+                    help="trained LLM: a checkpoint or adapter folder ('none': the zero-shot row only)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--llm-batch-size", type=int, default=32, help="LLM episodes generated in lock step")
     ap.add_argument("--sb3-model", default=None, help="saved PPO model (default: train one briefly)")
     ap.add_argument("--sb3-timesteps", type=int, default=30000)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM agents")
@@ -86,9 +121,10 @@ def main(argv=None) -> None:
                     f"{len(ppo_model.episode_returns)} episodes: {curve}")  # fmt: skip
 
     agents = ["random", "popularity", "trm-only", "history-top-category", "history-facet", "trm-only-unseen",
-              "history-describer", "oracle-preference", "sb3-ppo"]  # fmt: skip
-    if not args.no_llm:
-        agents.append("llm")
+              "history-top-category-unseen", "history-describer", "oracle-preference", "sb3-ppo"]  # fmt: skip
+    trained = None if args.trained == "none" else args.trained
+    if trained and not Path(trained).exists():
+        ap.error(f"--trained {trained}: no such folder (run python -m benchmarks.curriculum_cpu, or pass 'none')")
     base = EvalArgs(
         agents=",".join(agents), dataset=args.dataset, dataset_path=args.dataset_path, split=args.split,
         users=args.users, llm_users=args.llm_users, batch_size=args.batch_size, model=args.model,
@@ -96,23 +132,38 @@ def main(argv=None) -> None:
     )  # fmt: skip
     result = run(base, env_kwargs={"prompt": "chat"})
     summaries = result["summaries"]
-    if args.checkpoint and not args.no_llm:
-        extra = run(replace(base, agents="llm", model=args.checkpoint, out=str(Path(args.runs) / "checkpoint")),
-                    env_kwargs={"prompt": "chat"})  # fmt: skip
-        extra["summaries"][0]["agent"] = f"llm:{Path(args.checkpoint).name}"
-        summaries += extra["summaries"]
+    episode, max_new_tokens = llm_settings(trained)
+    llm_note = "skipped"
+    if not args.no_llm:
+        llm = replace(base, agents="llm", batch_size=args.llm_batch_size,
+                      max_new_tokens=max_new_tokens or EvalArgs.max_new_tokens)  # fmt: skip
+        rows = [("llm (zero-shot)", args.model)] + ([("llm (DeepRec-trained)", trained)] if trained else [])
+        for label, model in rows:
+            extra = run(replace(llm, model=model, out=str(Path(args.runs) / label.split()[1].strip("()"))),
+                        env_kwargs={"prompt": "chat", **episode})  # fmt: skip
+            extra["summaries"][0]["agent"] = label
+            summaries += extra["summaries"]
+        shown = "the scripted agents' episodes"
+        if episode:
+            shown = (f"last {episode['prompt_history']} history items in the prompt and top-{episode['retrieval_k']} "
+                     "per call (the trained model's episodes)")  # fmt: skip
+        made = f" and with {_shown(trained)} (its settings: how it was made)" if trained else ""
+        llm_note = "; ".join([
+            f"{args.model} zero-shot{made}",
+            f"greedy, {args.llm_users} users (the first of the same order), {shown}",
+            f"at most {llm.max_new_tokens} new tokens per segment, {args.llm_batch_size} episodes in lock step",
+            f"device {args.device}, dtype {args.dtype}",
+        ])  # fmt: skip
     protocol = {
         **result["protocol"],
         "prompt": "chat variant (the LLM applies its chat template); scripted agents read the same text",
-        "LLM": f"{args.model} zero-shot, greedy, {args.llm_users} users (the first of the same order), "
-        f"device {args.device}, dtype {args.dtype}"
-        if not args.no_llm
-        else "skipped",
+        "LLM": llm_note,
         "sb3-ppo": sb3_note,
         "privileged": "oracle-preference reads the target's categories: an upper bound, not an agent",
         "agents": "trm-only = one call without a preference, its top 10; history-top-category = one call with the "
-        "history's most frequent category, its top 10; trm-only-unseen = trm-only skipping titles "
-        "in the prompt's history; history-facet = one call per frequent history category, merged by TRM score; "
+        "history's most frequent category, its top 10; trm-only-unseen, history-top-category-unseen = the same, "
+        "skipping titles in the prompt's history; history-facet = one call per frequent history category, merged "
+        "by TRM score; "
         "history-describer = calls with no preference, the history's top category, 'like <last title>' and its "
         "decade, reciprocal-rank fusion, skipping seen titles",
         "beats trm-only": "mean per-episode NDCG@10 difference to trm-only on the same episodes, 95% bootstrap "

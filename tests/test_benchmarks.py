@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 
 def test_trm_quality_smoke(tmp_path, tiny_encoder_path, capsys):
     from benchmarks import trm_quality
@@ -74,20 +76,31 @@ def test_readme_comparison_ignores_wall_times_only():
 
 
 def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys):
+    pytest.importorskip("peft")
     from benchmarks import curriculum_cpu
 
-    out = tmp_path / "res"
-    curriculum_cpu.main(["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path),
-                         "--out", str(out), "--run", str(tmp_path / "run")])  # fmt: skip
+    out, export = tmp_path / "res", tmp_path / "adapter"
+    argv = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(out),
+            "--run", str(tmp_path / "run"), "--export", str(export)]  # fmt: skip
+    curriculum_cpu.main(argv)
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["coldstart", "rec"]
+    assert [r["stage"] for r in rows] == ["rec"]  # stage 1 skipped: stage 2 continues the warm start's adapter
     text = (out / "README.md").read_text()
-    assert "python -m benchmarks.curriculum_cpu --smoke" in text and "| coldstart |" in text
+    assert "python -m benchmarks.curriculum_cpu --smoke" in text and "| rec |" in text
+    val = json.loads((out / "validation.json").read_text())
+    assert val["users"] == len(val["before"]) == len(val["after"]) == 3
+    assert "over 3 users" in text  # the paired interval
     assert (out / "curves.png").is_file() and (out / "warmstart.jsonl").is_file()
     assert "- wall clock: " in text and "cache at start: " in text  # a fresh run folder: the command is timed
     assert json.loads((out / "settings.json").read_text())["timing"]["seconds"] > 0
-    curriculum_cpu.main(["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path),
-                         "--out", str(out), "--run", str(tmp_path / "run")])  # fmt: skip
+    # the exported adapter: config, weights and settings, loadable without the run folder
+    assert {p.name for p in export.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "deeprec.json",
+                                                  "README.md"}  # fmt: skip
+    from agents.llm import load_causal_lm
+
+    model, tok = load_causal_lm(str(export))
+    assert tok.pad_token_id is not None and not hasattr(model, "peft_config")  # merged for inference
+    curriculum_cpu.main(argv)
     assert "wall clock" not in (out / "README.md").read_text()  # resumed: the time would not be the run's
 
 
@@ -137,3 +150,20 @@ def test_trl_grpo_formats_a_run_log(tmp_path, capsys):
     trl_grpo.main(["--from-run", str(run), "--out", str(tmp_path / "out")])
     md = (tmp_path / "out" / "trl_grpo.md").read_text()
     assert "| 1 | 0.7000 | 0.9000 |" in md and "console output" in md and "wall time: unknown" in md
+
+
+def test_main_job_reads_how_the_trained_llm_was_made(tmp_path):
+    from benchmarks.main import TRAINED, llm_settings
+
+    assert llm_settings(None) == ({}, None) and llm_settings(str(tmp_path)) == ({}, None)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"args": {"prompt_history": 4, "retrieval_k": 7,
+                                                                      "max_new_tokens": 99, "lr": 1.0}}))  # fmt: skip
+    assert llm_settings(str(tmp_path)) == ({"prompt_history": 4, "retrieval_k": 7}, 99)
+    made = {"episode": {"prompt_history": 5, "retrieval_k": 10, "dataset": "ml-100k"}, "max_new_tokens": 192}
+    (tmp_path / "deeprec.json").write_text(json.dumps(made))
+    assert llm_settings(str(tmp_path)) == ({"prompt_history": 5, "retrieval_k": 10}, 192)
+    if (TRAINED / "deeprec.json").is_file():  # the bundled adapter: made with the CPU run's settings
+        from benchmarks.curriculum_cpu import CPU_ARGS
+
+        episode = {"prompt_history": CPU_ARGS.prompt_history, "retrieval_k": CPU_ARGS.retrieval_k}
+        assert llm_settings(str(TRAINED)) == (episode, CPU_ARGS.max_new_tokens)
