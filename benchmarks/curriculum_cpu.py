@@ -1,6 +1,6 @@
 """Stage 2 on a CPU: SmolLM2-135M with a LoRA adapter on the embedded ml-100k, validated before and after.
 
-    python -m benchmarks.curriculum_cpu             # ~1 h on a 2-core CPU (cache holding the TRM and SmolLM2)
+    python -m benchmarks.curriculum_cpu             # ~35 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
@@ -115,11 +115,15 @@ def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict
     return {"users": len(before), "rows": rows}
 
 
-def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str) -> None:
-    """Copy the adapter (config and weights only: the base model's tokenizer serves) and its settings to ``dest``."""
+def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str, curves: Path) -> None:
+    """Copy the adapter, its settings, the run's README and its curves to ``dest``.
+
+    The adapter is its config and weights only: the base model's tokenizer serves.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(checkpoint / name, dest / name)
+    shutil.copy(curves, dest / "curves.png")
     settings = {"episode": episode_settings(base), "max_new_tokens": base.max_new_tokens}
     (dest / "deeprec.json").write_text(json.dumps(settings, indent=2) + "\n")
     (dest / "README.md").write_text(readme)
@@ -218,7 +222,7 @@ def main(argv=None) -> None:
                                                     "steps": steps, "val_users": n_val, "timing": timing},
                                                    indent=2))  # fmt: skip
     if export is not None:
-        export_adapter(final, export, base, readme)
+        export_adapter(final, export, base, readme, run / "curves.png")
     print(readme)
 
 

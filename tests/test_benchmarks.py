@@ -95,7 +95,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert json.loads((out / "settings.json").read_text())["timing"]["seconds"] > 0
     # the exported adapter: config, weights and settings, loadable without the run folder
     assert {p.name for p in export.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "deeprec.json",
-                                                  "README.md"}  # fmt: skip
+                                                  "README.md", "curves.png"}  # fmt: skip
     from agents.llm import load_causal_lm
 
     model, tok = load_causal_lm(str(export))
