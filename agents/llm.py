@@ -123,6 +123,11 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
     return lm, tok
 
 
+BUNDLED_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-deeprec"
+"""The LoRA adapter for SmolLM2-135M-Instruct shipped with the package (made by ``python -m
+benchmarks.curriculum_cpu``; its ``deeprec.json`` holds the episode settings it was trained with)."""
+
+
 def add_lora(model, r: int):
     """``model`` with a fresh peft LoRA adapter of rank ``r`` (alpha ``2r``) on every linear layer.
 

@@ -31,12 +31,11 @@ import numpy as np
 
 from agents.curriculum import run_curriculum
 from agents.grpo import GRPOArgs
+from agents.llm import BUNDLED_ADAPTER
 from agents.rollout import episode_settings
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 
-ADAPTER = Path(__file__).resolve().parents[1] / "agents" / "adapters" / "smollm2-deeprec"
-"""Where the full run's adapter is committed (``make demo`` evaluates it)."""
 CPU_ARGS = GRPOArgs(users_per_step=2, group_size=4, rollout_batch=8, micro_batch=2, prompt_history=5,
                     retrieval_k=10, lr=1e-4, lora_r=8, mini_batches=2, val_users=0,
                     out="runs/curriculum-cpu")  # fmt: skip
@@ -180,7 +179,7 @@ def main(argv=None) -> None:
     ap.add_argument("--encoder", default=None, help="text encoder of the env (default: the embedded MiniLM)")
     args = ap.parse_args(argv)
     base, warm, steps, env_kwargs, n_val = CPU_ARGS, CPU_WARM, dict(STEPS), None, VAL_USERS
-    export = Path(args.export) if args.export else (None if args.smoke else ADAPTER)
+    export = Path(args.export) if args.export else (None if args.smoke else BUNDLED_ADAPTER)
     if args.model:
         base = replace(base, model=args.model)
     if args.run:

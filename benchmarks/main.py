@@ -23,13 +23,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from agents.evaluate import METRICS, EvalArgs, compare, run
+from agents.llm import BUNDLED_ADAPTER
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
+from benchmarks.report import ROOT
 
 COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds",
            "beats trm-only (NDCG@10, paired 95% CI)"]  # fmt: skip
-
-TRAINED = Path(__file__).resolve().parents[1] / "agents" / "adapters" / "smollm2-deeprec"
-"""The bundled adapter (SmolLM2-135M-Instruct + LoRA, trained by ``python -m benchmarks.curriculum_cpu``)."""
 
 
 def llm_settings(trained: str | None) -> tuple[dict, int | None]:
@@ -52,9 +51,8 @@ def llm_settings(trained: str | None) -> tuple[dict, int | None]:
 
 def _shown(path: str) -> str:
     """``path`` relative to the repository when inside it (a protocol line that is the same in every clone)."""
-    root = Path(__file__).resolve().parents[1]
     full = Path(path).resolve()
-    return str(full.relative_to(root)) if full.is_relative_to(root) else path
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else path
 
 
 def plot(summaries: list[dict], path: Path, title: str) -> None:
@@ -86,7 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--users", type=int, default=None, help="episodes per scripted agent (default: all users)")
     ap.add_argument("--llm-users", type=int, default=64, help="episodes for LLM agents (fixed subset)")
     ap.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a hub id or a local path")
-    ap.add_argument("--trained", default=str(TRAINED),
+    ap.add_argument("--trained", default=str(BUNDLED_ADAPTER),
                     help="trained LLM: a checkpoint or adapter folder ('none': the zero-shot row only)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -137,9 +135,11 @@ def main(argv=None) -> None:
     if not args.no_llm:
         llm = replace(base, agents="llm", batch_size=args.llm_batch_size,
                       max_new_tokens=max_new_tokens or EvalArgs.max_new_tokens)  # fmt: skip
-        rows = [("llm (zero-shot)", args.model)] + ([("llm (DeepRec-trained)", trained)] if trained else [])
-        for label, model in rows:
-            extra = run(replace(llm, model=model, out=str(Path(args.runs) / label.split()[1].strip("()"))),
+        rows = [("llm (zero-shot)", args.model, "zero-shot")]
+        if trained:
+            rows.append(("llm (DeepRec-trained)", trained, "DeepRec-trained"))
+        for label, model, folder in rows:
+            extra = run(replace(llm, model=model, out=str(Path(args.runs) / folder)),
                         env_kwargs={"prompt": "chat", **episode})  # fmt: skip
             extra["summaries"][0]["agent"] = label
             summaries += extra["summaries"]

@@ -153,7 +153,8 @@ def test_trl_grpo_formats_a_run_log(tmp_path, capsys):
 
 
 def test_main_job_reads_how_the_trained_llm_was_made(tmp_path):
-    from benchmarks.main import TRAINED, llm_settings
+    from agents.llm import BUNDLED_ADAPTER as TRAINED
+    from benchmarks.main import llm_settings
 
     assert llm_settings(None) == ({}, None) and llm_settings(str(tmp_path)) == ({}, None)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"args": {"prompt_history": 4, "retrieval_k": 7,
