@@ -101,6 +101,9 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--runs", default="runs/main", help="folder for per-episode JSON lines")
     args = ap.parse_args(argv)
+    trained = None if args.trained == "none" else args.trained
+    if trained and not Path(trained).exists():
+        ap.error(f"--trained {trained}: no such folder (run python -m benchmarks.curriculum_cpu, or pass 'none')")
     t0 = time.perf_counter()
 
     sb3_model = args.sb3_model
@@ -120,9 +123,6 @@ def main(argv=None) -> None:
 
     agents = ["random", "popularity", "trm-only", "history-top-category", "history-facet", "trm-only-unseen",
               "history-top-category-unseen", "history-describer", "oracle-preference", "sb3-ppo"]  # fmt: skip
-    trained = None if args.trained == "none" else args.trained
-    if trained and not Path(trained).exists():
-        ap.error(f"--trained {trained}: no such folder (run python -m benchmarks.curriculum_cpu, or pass 'none')")
     base = EvalArgs(
         agents=",".join(agents), dataset=args.dataset, dataset_path=args.dataset_path, split=args.split,
         users=args.users, llm_users=args.llm_users, batch_size=args.batch_size, model=args.model,

@@ -168,3 +168,12 @@ def test_main_job_reads_how_the_trained_llm_was_made(tmp_path):
 
         episode = {"prompt_history": CPU_ARGS.prompt_history, "retrieval_k": CPU_ARGS.retrieval_k}
         assert llm_settings(str(TRAINED)) == (episode, CPU_ARGS.max_new_tokens)
+
+
+def test_main_job_rejects_a_missing_trained_model_before_any_work(tmp_path, capsys):
+    from benchmarks import main
+
+    with pytest.raises(SystemExit):
+        main.main(["--trained", str(tmp_path / "nope"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # failed before training PPO or loading anything
