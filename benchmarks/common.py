@@ -63,6 +63,20 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path | None 
     return js, md
 
 
+def publish(name: str, title: str, table: str, protocol: dict, data: dict, smoke: bool, out: str | None) -> str:
+    """Print ``## title``, the table and the protocol, and write them with ``data`` as results ``name``.
+
+    A smoke run writes ``name_smoke``, and only when ``out`` is given. Returns the markdown.
+    """
+    text = f"## {title}\n\n{table}\n\nProtocol:\n{protocol_text(protocol)}\n"
+    print(text)
+    if not smoke or out:
+        payload = {"benchmark": name, "protocol": protocol, **environment(), **data}
+        js, md = write_results(name + ("_smoke" if smoke else ""), payload, text, out)
+        print(f"wrote {js} and {md}")
+    return text
+
+
 def smoke_env_kwargs(encoder: str = "minilm") -> dict:
     """Environment settings of a benchmark's ``--smoke`` run: synthetic data and a one-epoch tiny TRM."""
     from deeprec_env.trm import TRMConfig

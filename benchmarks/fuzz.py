@@ -19,7 +19,7 @@ import gymnasium as gym
 from tqdm.auto import tqdm
 
 import deeprec_env  # noqa: F401
-from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
+from benchmarks.common import markdown_table, publish, smoke_env_kwargs
 from deeprec_env.testing import fuzz_run
 
 COLUMNS = ["mode", "actions", "episodes", "invalid", "crashes", "hangs", "non-finite rewards",
@@ -64,11 +64,9 @@ def main(argv=None) -> None:
         "hang": f"a step slower than {args.hang_s:g} s",
         "threads": "package defaults (env threads=1, faiss 1)",
     }
-    text = f"## Reliability (fuzzing)\n\n{markdown_table(rows, COLUMNS)}\n\nProtocol:\n{protocol_text(protocol)}\n"
-    print(text)
-    payload = {"benchmark": "fuzz", "protocol": protocol, **environment(), "runs": raw}
-    if not args.smoke or args.out:
-        write_results("fuzz" + ("_smoke" if args.smoke else ""), payload, text, args.out)
+    publish(
+        "fuzz", "Reliability (fuzzing)", markdown_table(rows, COLUMNS), protocol, {"runs": raw}, args.smoke, args.out
+    )
 
 
 if __name__ == "__main__":

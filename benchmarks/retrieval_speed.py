@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import environment, markdown_table, protocol_text, write_results
+from benchmarks.common import markdown_table, publish
 from deeprec_env.index import IndexConfig, ItemIndex
 from deeprec_env.retrieval import Retriever
 from deeprec_env.threads import thread_settings
@@ -205,12 +205,7 @@ def main(argv=None) -> None:
         "seed": args.seed,
     }
     table = markdown_table(rows, COLUMNS, fmt="{:.2f}")
-    text = f"## Retrieval speed\n\n{table}\n\nProtocol:\n{protocol_text(protocol)}\n"
-    print(text)
-    payload = {"benchmark": "retrieval_speed", "protocol": protocol, **environment(), "rows": rows}
-    if not args.smoke or args.out:
-        js, md = write_results("retrieval_speed" + ("_smoke" if args.smoke else ""), payload, text, args.out)
-        print(f"wrote {js} and {md}")
+    publish("retrieval_speed", "Retrieval speed", table, protocol, {"rows": rows}, args.smoke, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,27 @@ def test_trm_quality_smoke(tmp_path, tiny_encoder_path, capsys):
     assert data["protocol"]["history items"] == "not masked"
 
 
+def test_trm_sweep_smoke_ranks_settings_by_validation(tmp_path, tiny_encoder_path):
+    from benchmarks import trm_sweep
+
+    trm_sweep.main(["--smoke", "--encoder", str(tiny_encoder_path), "--out", str(tmp_path), "default",
+                    "temperature=0.1,dropout=0.2"])  # fmt: skip
+    rows = json.loads((tmp_path / "trm_sweep_smoke.json").read_text())["rows"]
+    assert sorted(r["setting"] for r in rows) == ["default", "temperature=0.1,dropout=0.2"]
+    crit = [r["valid ndcg (criterion)"] for r in rows]
+    assert crit == sorted(crit, reverse=True)
+
+
+def test_trm_sweep_rejects_bad_settings():
+    from benchmarks.trm_sweep import parse_setting
+
+    assert parse_setting("lr=0.005,item_text_out=true,fusion=add") == {"lr": 0.005, "item_text_out": True,
+                                                                       "fusion": "add"}  # fmt: skip
+    for bad in ("lr", "nope=1", "fusion=mul", "item_text_out=maybe", "lr=fast", "preferences=x"):
+        with pytest.raises(ValueError):
+            parse_setting(bad)
+
+
 def test_retrieval_speed_smoke(tmp_path, tiny_encoder_path, capsys):
     from benchmarks import retrieval_speed
 
