@@ -75,8 +75,9 @@ class TRMConfig:
     """Train with and accept preference texts (False: the preference is ignored)."""
     score: Literal["cosine", "dot"] = "cosine"
     """Item score: cosine of user vector and item ID embedding (reference), or dot product (SASRec)."""
-    temperature: float = 0.07
-    """Softmax temperature on cosine scores during training."""
+    temperature: float = 0.1
+    """Softmax temperature on cosine scores during training (chosen with ``lr`` by validation NDCG:
+    ``python -m benchmarks.trm_sweep``, ``docs/trm.md``; the reference's 0.07 scored lower)."""
     preferences: PreferenceMix = field(default_factory=PreferenceMix)
     """Where training preferences come from (shares per source; see :mod:`deeprec_env.preferences`)."""
     fusion: Literal["add", "gated"] = "gated"
@@ -93,8 +94,8 @@ class TRMConfig:
     targets (the bundled trainers train policies on the test targets of the RL user group, which the TRM
     never saw; ``docs/evaluation.md``); 3 also keeps out the ``train`` split's targets, for a policy trained
     on that split."""
-    lr: float = 3e-3
-    """Adam learning rate."""
+    lr: float = 5e-3
+    """Adam learning rate (3e-3 was still climbing at 40 epochs; ``docs/trm.md``)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 128
