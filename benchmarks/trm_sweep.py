@@ -15,51 +15,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from collections.abc import Sequence
 
 from benchmarks.common import markdown_table, publish
+from deeprec_env.cli import add_dataclass_args
 from deeprec_env.data import load_dataset, synthetic
 from deeprec_env.metrics import ndcg_at_k, recall_at_k
 from deeprec_env.trm import TRMConfig, evaluate_ranks, train_trm
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
 def parse_setting(text: str) -> dict:
-    """``"lr=0.005,dropout=0.2"`` -> ``{"lr": 0.005, "dropout": 0.2}``, typed by :class:`TRMConfig`."""
+    """``"lr=0.005,dropout=0.2"`` -> ``{"lr": 0.005, "dropout": 0.2}``, typed as ``deeprec trm-train`` types them.
+
+    The values go through the options :func:`deeprec_env.cli.add_dataclass_args` makes for :class:`TRMConfig`
+    (the CLI's parsing, one set of rules); a bad field or value raises ``ValueError``.
+    """
     if text == "default":
         return {}
-    hints = typing.get_type_hints(TRMConfig)
-    fields = {f.name for f in dataclasses.fields(TRMConfig)}
-    out: dict = {}
+    parser = _RaisingParser(add_help=False)
+    add_dataclass_args(parser, TRMConfig)
+    argv, keys = [], []
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise ValueError(f"{part!r}: expected field=value with a TRMConfig field (one of {sorted(fields)})")
-        hint = hints[key]
-        if hint is bool:
-            if value.lower() not in ("true", "false"):
-                raise ValueError(f"{part!r}: {key} takes true or false")
-            out[key] = value.lower() == "true"
-        elif hint in (int, float):
-            try:
-                out[key] = hint(value)
-            except ValueError:
-                raise ValueError(f"{part!r}: {key} takes a {hint.__name__}") from None
-        elif typing.get_origin(hint) is typing.Literal:
-            if value not in typing.get_args(hint):
-                raise ValueError(f"{part!r}: {key} takes one of {typing.get_args(hint)}")
-            out[key] = value
-        else:
-            raise ValueError(f"{part!r}: {key} cannot be set from the sweep")
-    return out
+        if not sep:
+            raise ValueError(f"{part!r}: expected field=value with a TRMConfig field")
+        keys.append(key.strip().replace("-", "_"))
+        argv += ["--" + keys[-1].replace("_", "-"), value]
+    ns = parser.parse_args(argv)
+    return {k: getattr(ns, k) for k in keys}
 
 
-def run(dataset, settings: Sequence[str], base: TRMConfig, encoder=None, progress: bool = True) -> list[dict]:
-    """Train one TRM per setting; rows sorted by best validation NDCG (the early-stopping criterion)."""
+def configs(settings: Sequence[str], base: TRMConfig) -> list[tuple[str, TRMConfig]]:
+    """Each setting with its validated config (``base`` changed by the setting's fields): bad ones fail here."""
+    return [(text, dataclasses.replace(base, **parse_setting(text))) for text in settings]
+
+
+def run(dataset, settings: Sequence[tuple[str, TRMConfig]], encoder=None, progress: bool = True) -> list[dict]:
+    """Train one TRM per ``(setting, config)``; rows sorted by best validation NDCG (the early-stopping criterion)."""
     rows = []
-    for text in settings:
-        config = dataclasses.replace(base, **parse_setting(text))
+    for text, config in settings:
         model, log = train_trm(dataset, config, encoder, progress=progress)
         test = evaluate_ranks(model, dataset, "test")
         rows.append({
@@ -83,18 +82,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, tiny model, seconds")
     args = ap.parse_args(argv)
-    for s in args.settings:  # bad settings fail before anything trains
-        parse_setting(s)
 
     from deeprec_env.embed import TextEncoder
 
     base = TRMConfig(seed=args.seed)
     if args.smoke:
-        dataset = synthetic(80, 40, seed=args.seed)
         base = dataclasses.replace(base, d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)
-    else:
-        dataset = load_dataset(args.dataset)
-    rows = run(dataset, args.settings, base, TextEncoder(args.encoder), progress=not args.smoke)
+    try:
+        settings = configs(args.settings, base)  # bad settings fail before anything loads or trains
+    except ValueError as e:
+        ap.error(str(e))
+    dataset = synthetic(80, 40, seed=args.seed) if args.smoke else load_dataset(args.dataset)
+    rows = run(dataset, settings, TextEncoder(args.encoder), progress=not args.smoke)
     protocol = {
         "dataset": f"{dataset.name} ({dataset.n_users} users, {dataset.n_items} items)",
         "split": "leave-one-out by time; valid = second last item, test = last item (all users)",

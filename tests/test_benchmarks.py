@@ -26,13 +26,16 @@ def test_trm_sweep_smoke_ranks_settings_by_validation(tmp_path, tiny_encoder_pat
 
 
 def test_trm_sweep_rejects_bad_settings():
-    from benchmarks.trm_sweep import parse_setting
+    from benchmarks.trm_sweep import configs, parse_setting
+    from deeprec_env.trm import TRMConfig
 
     assert parse_setting("lr=0.005,item_text_out=true,fusion=add") == {"lr": 0.005, "item_text_out": True,
                                                                        "fusion": "add"}  # fmt: skip
     for bad in ("lr", "nope=1", "fusion=mul", "item_text_out=maybe", "lr=fast", "preferences=x"):
         with pytest.raises(ValueError):
             parse_setting(bad)
+    with pytest.raises(ValueError):  # a value TRMConfig itself rejects fails before anything trains
+        configs(["default", "temperature=-1"], TRMConfig())
 
 
 def test_retrieval_speed_smoke(tmp_path, tiny_encoder_path, capsys):
