@@ -108,6 +108,10 @@ class EnvConfig(ResourceConfig):
     "target title is a substring of the line"."""
     fuzzy_cutoff: float = 0.9
     """Minimum difflib ratio for fuzzy title grounding (> 1 disables fuzzy matching)."""
+    point_repeats: bool = False
+    """Score an answer line that repeats an earlier line's item again in the ``point`` reward (the
+    reference does, so one close item written ten times outscores a real list; by default a repeat scores 0,
+    ``docs/design.md``, "Rewards")."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Tags and format rules."""
     max_obs_chars: int | None = None
@@ -624,7 +628,7 @@ class DeepRecEnv(gym.Env[str, str]):
                 comps["diversity"] = diversity_reward(ep, self.res.encoder.encode(ep.preferences))
         comps["hit"] = hit_reward(ep)
         comps["rank"] = rank_reward(ep, k=cfg.answer_k)
-        comps["point"] = point_reward(ep, self.res.text_emb, self.res.item_vecs)
+        comps["point"] = point_reward(ep, self.res.text_emb, self.res.item_vecs, repeats=cfg.point_repeats)
         info = self._step_info(act, comps)
         valid_ids = [i for i in ep.answer_ids if i is not None]
         # The target's rank is its answer line: every line holds its position, grounded or not, repeated or

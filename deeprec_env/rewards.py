@@ -108,21 +108,28 @@ def rank_reward(ep: Episode, *, k: int = 10, step: float = 0.2) -> float:
     return step * (k - i) if not ep.format_errors and i is not None else 0.0
 
 
-def point_reward(ep: Episode, text_emb: np.ndarray, item_vecs: np.ndarray, *, scale: float = 10.0) -> float:
+def point_reward(
+    ep: Episode, text_emb: np.ndarray, item_vecs: np.ndarray, *, scale: float = 10.0, repeats: bool = False
+) -> float:
     """Graded similarity of the answer to the target, when ``format`` is 0.
 
     ``sim_i = (cos(text_i, text_target) + cos(trm_i, trm_target)) / 2`` for each answer line ``i``
-    (0 for a line that names no item); the result is ``scale * sum(w_i sim_i) / sum(w_i)`` with
-    ``w_i = (1 - i / n)^2`` over the ``n`` answer lines. ``text_emb`` and ``item_vecs`` are unit rows
-    indexed by item number.
+    (0 for a line that names no item, and for a line repeating an earlier line's item unless ``repeats``);
+    the result is ``scale * sum(w_i sim_i) / sum(w_i)`` with ``w_i = (1 - i / n)^2`` over the ``n``
+    answer lines. ``text_emb`` and ``item_vecs`` are unit rows indexed by item number.
+
+    ``repeats=True`` is the reference, which scores every line: there, the retrieved item closest to the
+    target written ten times outscores the retrieved list itself (``docs/design.md``, "Rewards").
     """
     n = len(ep.answer_ids)
     if ep.format_errors or n == 0:
         return 0.0
     w = (1.0 - np.arange(n) / n) ** 2
     sims = np.zeros(n)
+    named: set[int] = set()
     for i, item in enumerate(ep.answer_ids):
-        if item is not None:
+        if item is not None and (repeats or item not in named):
+            named.add(item)
             sims[i] = 0.5 * (
                 float(text_emb[item] @ text_emb[ep.target]) + float(item_vecs[item] @ item_vecs[ep.target])
             )

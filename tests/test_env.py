@@ -106,6 +106,23 @@ def test_metrics_count_repeated_lines_above_the_target(make_env):
     assert info["reward_components"]["rank"] == pytest.approx(0.2 * 7)
 
 
+@pytest.mark.parametrize("repeats", [False, True])
+def test_point_scores_a_repeated_item_once_unless_asked(make_env, repeats):
+    # the reference scores every line, so one close item written ten times outscores a real list
+    env = make_env(stage="rec", point_repeats=repeats)
+    env.reset(options={"example": 3})
+    target = env.episode.target
+    others = [i for i in range(1, env.catalog.num_embeddings) if env.catalog.titles[i] != env.catalog.titles[target]]
+    close = max(others, key=lambda i: env.res.item_vecs[i] @ env.res.item_vecs[target])
+    env.step("Dramas. " + CALL.format("drama"))
+    _, _, _, _, info = env.step(answer_segment([env.catalog.titles[close]] * 10))
+    assert info["answer_ids"] == [close] * 10 and info["duplicates"] == 9
+    once = point_by_hand(env, [close], target) * 1.0 / sum((1 - i / 10) ** 2 for i in range(10))
+    expected = point_by_hand(env, [close] * 10, target) if repeats else once
+    assert info["reward_components"]["point"] == pytest.approx(expected, abs=1e-5)
+    assert info["reward_components"]["point"] > 0
+
+
 def test_scripted_episode_coldstart_stage(make_env):
     env = make_env(stage="coldstart")
     rewards, infos = run_scripted(env)
