@@ -73,7 +73,7 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     policy = LLMPolicy(str(checkpoint), device=base.device, dtype=base.dtype, max_new_tokens=base.max_new_tokens)
     recs = validation_records(policy, base.env_kwargs("rec", env_kwargs), n_users, batch_size=n_users)
     rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
-             "hallucinated": r.hallucinated, "seen": r.seen, "reward": r.reward}
+             "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward}
             for i, r in enumerate(recs)]  # fmt: skip
     cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -92,8 +92,17 @@ def scripted_validation(base: GRPOArgs, env_kwargs: dict | None, n_users: int, n
     return rows
 
 
+WELL_FORMED = "ndcg@10, users well-formed before and after"
+"""The row that separates ranking from format: NDCG@10 on the users whose answer passed the format checks both
+before and after (a failed format is a miss, so on the other users a change is mostly the format's)."""
+
+
 def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict:
-    """Means before and after, and the paired per-user NDCG@10 / Recall@10 differences with 95% intervals."""
+    """Means before and after, and the paired per-user NDCG@10 / Recall@10 differences with 95% intervals.
+
+    Also NDCG@10 on the users well-formed both times (:data:`WELL_FORMED`). Quantities a cached validation
+    file lacks (written by an older version) are left out.
+    """
     from agents.evaluate import paired_difference
 
     keys = {
@@ -103,14 +112,22 @@ def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict
         "calls": "calls",
         "hallucinated": "answer lines naming no item",
         "seen": "answer lines the history has",
+        "duplicates": "answer lines repeating an item",
         "reward": "reward",
     }
     rows = [{"quantity": label, "before": float(np.mean([r[k] for r in before])),
-             "after": float(np.mean([r[k] for r in after]))} for k, label in keys.items()]  # fmt: skip
+             "after": float(np.mean([r[k] for r in after]))}
+            for k, label in keys.items() if all(k in r for r in before + after)]  # fmt: skip
+    ok = {r["example"] for r in before if not r["format_fail"]} & {r["example"] for r in after if not r["format_fail"]}
+    if ok:
+        rows.insert(2, {"quantity": WELL_FORMED, "key": "ndcg@10", "users": ok,
+                        "before": float(np.mean([r["ndcg@10"] for r in before if r["example"] in ok])),
+                        "after": float(np.mean([r["ndcg@10"] for r in after if r["example"] in ok]))})  # fmt: skip
     for row in rows:
-        if row["quantity"] in ("ndcg@10", "recall@10"):
-            k = row["quantity"]
-            mean, lo, hi, n = paired_difference({r["example"]: r[k] for r in after},
+        k, users = row.pop("key", row["quantity"]), row.pop("users", None)
+        if k in ("ndcg@10", "recall@10"):
+            kept = [r for r in after if users is None or r["example"] in users]
+            mean, lo, hi, n = paired_difference({r["example"]: r[k] for r in kept},
                                                 {r["example"]: r[k] for r in before}, seed)  # fmt: skip
             row["paired difference (95% CI)"] = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] over {n} users"
     return {"users": len(before), "rows": rows}
@@ -215,8 +232,12 @@ def main(argv=None) -> None:
     shutil.copy(run / "warmstart" / "log.jsonl", dest / "warmstart.jsonl")
     shutil.copy(run / "curves.png", dest / "curves.png")
     (dest / "validation.json").write_text(json.dumps({**val, "before": before, "after": after}, indent=2) + "\n")
-    # a resumed run's time is not the command's: leave it out rather than print a wrong figure
-    timing = None if resumed else {"seconds": time.perf_counter() - t0, "cache_at_start": cache_at_start}
+    # a resumed run's time is not the command's: the time of the one invocation that ran it all (re-running a
+    # finished run only rewrites the results), else none rather than a wrong figure
+    timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").is_file() else None
+    if not resumed:
+        timing = {"seconds": time.perf_counter() - t0, "cache_at_start": cache_at_start}
+        (run / "timing.json").write_text(json.dumps(timing) + "\n")
     readme = summarize(run, command, base, warm, steps, val, timing)
     (dest / "README.md").write_text(readme)
     (dest / "settings.json").write_text(json.dumps({"stage": asdict(base), "warm_start": asdict(warm),

@@ -124,8 +124,33 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
 
     model, tok = load_causal_lm(str(export))
     assert tok.pad_token_id is not None and not hasattr(model, "peft_config")  # merged for inference
+    clock = [x for x in text.splitlines() if x.startswith("- wall clock: ")]
+    curriculum_cpu.main(argv)  # a finished run, re-run: results rewritten, the time is the invocation's that ran it
+    assert [x for x in (out / "README.md").read_text().splitlines() if x.startswith("- wall clock: ")] == clock
+    (tmp_path / "run" / "timing.json").unlink()  # as after a killed first invocation: no run's time to report
     curriculum_cpu.main(argv)
-    assert "wall clock" not in (out / "README.md").read_text()  # resumed: the time would not be the run's
+    assert "wall clock" not in (out / "README.md").read_text()
+
+
+def test_curriculum_validation_separates_format_from_ranking():
+    from benchmarks.curriculum_cpu import WELL_FORMED, compare_validation
+
+    def rows(ndcg, fails):
+        pairs = enumerate(zip(ndcg, fails, strict=True))
+        return [{"example": i, "ndcg@10": x, "recall@10": float(x > 0), "format_fail": f, "calls": 1,
+                 "hallucinated": 0, "seen": 0, "reward": 0.0} for i, (x, f) in pairs]  # fmt: skip
+
+    before = rows([0.0, 0.5, 0.0, 1.0], [1, 0, 1, 0])  # two failed formats (misses)
+    after = rows([1.0, 0.5, 0.0, 0.5], [0, 0, 1, 0])  # one fixed and hit; one well-formed user worse
+    val = {r["quantity"]: r for r in compare_validation(before, after, seed=0)["rows"]}
+    assert val["ndcg@10"]["after"] - val["ndcg@10"]["before"] == pytest.approx(0.125)
+    assert val["ndcg@10"]["paired difference (95% CI)"].startswith("+0.1250") and "over 4 users" in val["ndcg@10"][
+        "paired difference (95% CI)"]  # fmt: skip
+    well = val[WELL_FORMED]  # users 1 and 3: the ranking alone got worse
+    assert (well["before"], well["after"]) == (0.75, 0.5)
+    assert well["paired difference (95% CI)"].startswith("-0.2500") and "over 2 users" in well[
+        "paired difference (95% CI)"]  # fmt: skip
+    assert "answer lines repeating an item" not in val  # an older cached file without the count: left out
 
 
 def test_fuzz_smoke(tmp_path, tiny_encoder_path):
