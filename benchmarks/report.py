@@ -26,6 +26,7 @@ SECTIONS = [
     ("main", "python -m benchmarks.main --out benchmarks/results   # make demo runs the same into runs/main"),
     ("trm_quality", "python -m benchmarks.trm_quality"),
     ("trm_sweep", "python -m benchmarks.trm_sweep " + " ".join(SWEEP)),
+    ("reward_probe", "python -m benchmarks.reward_probe"),
     ("retrieval_speed", "python -m benchmarks.retrieval_speed"),
     ("env_speed", "python -m benchmarks.env_speed"),
     ("llm_speed", "python -m benchmarks.llm_speed"),

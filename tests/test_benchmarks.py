@@ -226,3 +226,21 @@ def test_main_job_rejects_a_missing_trained_model_before_any_work(tmp_path, caps
         main.main(["--trained", str(tmp_path / "nope"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
     assert "no such folder" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # failed before training PPO or loading anything
+
+
+def test_reward_probe_smoke(tmp_path, tiny_encoder_path):
+    from benchmarks import reward_probe
+
+    argv = ["--smoke", "--episodes", "6", "--encoder", str(tiny_encoder_path), "--out", str(tmp_path)]
+    reward_probe.main(argv)
+    rows = {r["answer"]: r for r in json.loads((tmp_path / "reward_probe_smoke.json").read_text())["rows"]}
+    assert len(rows) == 5 and all(r["episodes"] == 6 for r in rows.values())
+    for r in rows.values():  # the components add up: every answer is well-formed, so format is 0
+        assert r["reward"] == pytest.approx(r["point"] + r["hit + rank"])
+    reward_probe.main([*argv, "--point-repeats"])  # the reference's rule pays for the repeats
+    again = {r["answer"]: r for r in json.loads((tmp_path / "reward_probe_smoke.json").read_text())["rows"]}
+    repeated = "the first item written ten times"
+    assert again[repeated]["point"] > rows[repeated]["point"]
+    assert again["TRM order reversed"] == rows["TRM order reversed"]  # no repeats there: the same
+    with pytest.raises(SystemExit):
+        reward_probe.main(["--smoke", "--episodes", "0"])
