@@ -15,14 +15,11 @@ import argparse
 
 import numpy as np
 
+from agents.baselines import REASONING, top_categories, unseen_first
 from benchmarks.common import markdown_table, publish, smoke_env_kwargs
+from benchmarks.curriculum_cpu import CPU_ARGS
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.protocol import answer_text, call_text, history_block, read_items
-
-EPISODES = {"stage": "rec", "prompt": "chat", "prompt_history": 5, "retrieval_k": 10, "split": "test",
-            "user_group": "rl"}  # fmt: skip
-"""The bundled CPU run's training episodes (``benchmarks.curriculum_cpu``)."""
-REASONING = "Based on the retrieved items and the history, here is my ranking."
 
 
 def answers(fresh: list[str], central: dict[str, float], to_history: dict[str, float]) -> dict[str, list[str]]:
@@ -52,14 +49,10 @@ def probe(env_kwargs: dict, n: int) -> list[dict]:
     for j in range(min(n, len(env.split))):
         obs, _ = env.reset(options={"example": j})
         shown = read_items(history_block(obs))
-        counts: dict[str, int] = {}
-        for _, cats in shown:
-            for c in cats:
-                counts[c] = counts.get(c, 0) + 1
-        call = call_text(max(counts, key=counts.get) if counts else "movies", protocol, "The history's top category.")
+        call = call_text((top_categories(shown) or ["movies"])[0], protocol, "The history's top category.")
         retrieved = [t for t, _ in read_items(env.step(call)[0])]
         titles = {t for t, _ in shown}
-        fresh = [t for t in retrieved if t not in titles] + [t for t in retrieved if t in titles]
+        fresh = unseen_first(retrieved, titles, len(retrieved))
         hist = [first[t] for t in titles if t in first]
         to_history = dict(zip(retrieved, sim([first[t] for t in retrieved], hist).mean(1).tolist(), strict=True))
         for name, answer in answers(fresh, central, to_history).items():
@@ -86,7 +79,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.episodes < 1:
         ap.error(f"--episodes {args.episodes}: must be >= 1")
-    env_kwargs = {**EPISODES, "encoder": args.encoder, "point_repeats": args.point_repeats}
+    # the bundled CPU run's training episodes (benchmarks.curriculum_cpu)
+    env_kwargs = {**CPU_ARGS.env_kwargs("rec"), "encoder": args.encoder, "point_repeats": args.point_repeats}
     if args.smoke:
         env_kwargs.update(smoke_env_kwargs(args.encoder))
     rows = probe(env_kwargs, args.episodes)
