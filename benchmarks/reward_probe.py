@@ -12,6 +12,7 @@ that prefers an answer with a lower NDCG is a direction RL can take instead of t
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from benchmarks.common import markdown_table, publish, smoke_env_kwargs
 from benchmarks.curriculum_cpu import CPU_ARGS
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.protocol import answer_text, call_text, history_block, read_items
+from deeprec_env.rewards import item_similarity
 
 
 def answers(fresh: list[str], central: dict[str, float], to_history: dict[str, float]) -> dict[str, list[str]]:
@@ -40,7 +42,7 @@ def probe(env_kwargs: dict, n: int) -> list[dict]:
     first = {}
     for i in range(1, cat.num_embeddings):
         first.setdefault(cat.titles[i], i)
-    sim = lambda a, b: 0.5 * (te[a] @ te[b].T + iv[a] @ iv[b].T)  # noqa: E731  (the point reward's similarity)
+    sim = partial(item_similarity, te, iv)  # the point reward's similarity
     items = np.arange(1, cat.num_embeddings)
     mean_sim = sim(items, items).mean(1)
     central = {t: float(mean_sim[i - 1]) for t, i in first.items()}

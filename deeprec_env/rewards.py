@@ -108,6 +108,16 @@ def rank_reward(ep: Episode, *, k: int = 10, step: float = 0.2) -> float:
     return step * (k - i) if not ep.format_errors and i is not None else 0.0
 
 
+def item_similarity(text_emb: np.ndarray, item_vecs: np.ndarray, a, b) -> np.ndarray:
+    """``point``'s similarity ``(cos(text_a, text_b) + cos(trm_a, trm_b)) / 2`` between items ``a`` and ``b``.
+
+    Item numbers or arrays of them (a matrix for two arrays), on unit rows; each cosine is taken in float64.
+    """
+    text = np.asarray(text_emb[a] @ text_emb[b].T, dtype=np.float64)
+    trm = np.asarray(item_vecs[a] @ item_vecs[b].T, dtype=np.float64)
+    return 0.5 * (text + trm)
+
+
 def point_reward(
     ep: Episode, text_emb: np.ndarray, item_vecs: np.ndarray, *, scale: float = 10.0, repeats: bool = False
 ) -> float:
@@ -130,7 +140,5 @@ def point_reward(
     for i, item in enumerate(ep.answer_ids):
         if item is not None and (repeats or item not in named):
             named.add(item)
-            sims[i] = 0.5 * (
-                float(text_emb[item] @ text_emb[ep.target]) + float(item_vecs[item] @ item_vecs[ep.target])
-            )
+            sims[i] = item_similarity(text_emb, item_vecs, item, ep.target)
     return float(scale * (w @ sims) / w.sum())
