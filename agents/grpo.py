@@ -405,7 +405,7 @@ def _trainable_model(args: GRPOArgs, accelerator, resume_from: Path | None):
     model, tok = load_causal_lm(str(resume_from or args.model), device=device, dtype=args.dtype,
                                 trainable_adapter=True)  # fmt: skip
     if args.lora_r > 0:
-        model = add_lora(model, args.lora_r)
+        model = add_lora(model, args.lora_r, args.seed)
     ref_model = None
     if args.kl_coef > 0:
         ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)

@@ -128,8 +128,11 @@ BUNDLED_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-deepre
 benchmarks.curriculum_cpu``; its ``deeprec.json`` holds the episode settings it was trained with)."""
 
 
-def add_lora(model, r: int):
+def add_lora(model, r: int, seed: int = 0):
     """``model`` with a fresh peft LoRA adapter of rank ``r`` (alpha ``2r``) on every linear layer.
+
+    The adapter's random initialisation draws from ``seed`` (the global torch generator is left as it was), so
+    the same seed gives the same adapter and the same run.
 
     Every linear layer but the output head (peft's ``"all-linear"``): on SmolLM2-135M a warm start with the
     adapter on the attention's query and value maps only (peft's default) did not learn to call the tool in 8
@@ -139,9 +142,14 @@ def add_lora(model, r: int):
     if hasattr(model, "peft_config"):
         return model
     _require("peft")
+    import torch
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 @dataclass

@@ -179,7 +179,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     model, tok = load_causal_lm(str(resume_from or args.model), device=args.device, dtype=args.dtype,
                                 trainable_adapter=True)  # fmt: skip
     if args.lora_r > 0:
-        model = add_lora(model, args.lora_r)
+        model = add_lora(model, args.lora_r, args.seed)
     env_kwargs = args.env_kwargs("rec", env_kwargs)
     from deeprec_env.env import EnvConfig, episode_split, get_resources
 

@@ -97,3 +97,22 @@ def test_embedded_smollm2_loads_caches_and_plays(make_env):
     env = make_env(prompt="chat")
     records = run_episodes(policy, [env], [{"example": 0}])
     assert records[0].tokens > 0
+
+
+def test_lora_initialisation_follows_its_seed_only(tiny_lm_path):
+    pytest.importorskip("peft")
+    import torch
+
+    from agents.llm import add_lora, load_causal_lm
+
+    def lora_a(seed: int, global_seed: int) -> list:
+        torch.manual_seed(global_seed)  # the caller's generator: must not matter, and must be left as it was
+        model = add_lora(load_causal_lm(str(tiny_lm_path))[0], 2, seed)
+        state = torch.get_rng_state()
+        torch.manual_seed(global_seed)
+        assert torch.equal(state, torch.get_rng_state())
+        return [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+
+    a, b, c = lora_a(0, 1), lora_a(0, 2), lora_a(1, 1)
+    assert a and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
