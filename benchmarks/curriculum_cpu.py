@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,6 +37,7 @@ from agents.llm import BUNDLED_ADAPTER
 from agents.rollout import episode_settings
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
+from deeprec_env.rewards import STAGES
 
 CPU_ARGS = GRPOArgs(users_per_step=2, group_size=4, rollout_batch=8, micro_batch=2, prompt_history=5,
                     retrieval_k=10, lr=2e-4, lora_r=8, mini_batches=2, val_users=0, temperature=0.7,
@@ -138,6 +141,11 @@ def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict
     return {"users": len(before), "rows": rows}
 
 
+def weights_text(weights: dict[str, float]) -> str:
+    """``format 1, hit 1, rank 1, point 0``: reward weights as the protocol prints them."""
+    return ", ".join(f"{k} {v:g}" for k, v in weights.items())
+
+
 def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str, curves: Path) -> None:
     """Copy the adapter, its settings, the run's README and its curves to ``dest``.
 
@@ -152,9 +160,12 @@ def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str, cu
     (dest / "README.md").write_text(readme)
 
 
-def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dict, val: dict,
+def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dict, weights: dict, val: dict,
               timing: dict | None = None) -> str:  # fmt: skip
-    """README text of a finished run folder; ``timing`` (wall seconds, cache at start) when the run was timed."""
+    """README text of a finished run folder.
+
+    ``weights``: stage 2's reward weights; ``timing``: wall seconds and cache at start, when the run was timed.
+    """
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     state = json.loads((out / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
     cols = ["step", "stage", "reward", "reward_hit", "reward_rank", "calls", "format_fail", "loss", "clip_fraction",
@@ -168,8 +179,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"{state['teacher_ndcg@10']:.3f} on them; {state['mean_tokens']:.0f} tokens each), {warm.epochs} epochs, "
         f"batch {warm.batch}, lr {warm.lr}, {state['seconds']:.0f} s",
         "stage 1": "skipped" if not steps["coldstart"] else f"coldstart, {steps['coldstart']} steps",
-        "stage 2": f"rec (format + hit + rank + point), {steps['rec']} steps from the warm start, the second half "
-        f"of the training users whose target is in the TRM's top-{base.difficulty_top}",
+        "stage 2": f"rec rewards weighted {weights_text(weights)}, {steps['rec']} steps from the warm start, "
+        f"the second half of the training users whose target is in the TRM's top-{base.difficulty_top}",
         "per step": f"{base.users_per_step} users x {base.group_size} samples, {base.mini_batches} optimiser steps per "
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
         f"whitening '{base.whiten}', KL {base.kl_coef}",
@@ -201,9 +212,21 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic model and data, seconds")
     ap.add_argument("--model", default=None, help="policy to start from (default: smollm2)")
     ap.add_argument("--encoder", default=None, help="text encoder of the env (default: the embedded MiniLM)")
+    ap.add_argument(
+        "--point-weight",
+        type=float,
+        default=STAGES["rec"]["point"],
+        help="weight of stage 2's point reward (default: the reference's 1; 0 leaves format, hit, rank)",
+    )
     args = ap.parse_args(argv)
-    base, warm, steps, env_kwargs, n_val = CPU_ARGS, CPU_WARM, dict(STEPS), None, VAL_USERS
-    export = Path(args.export) if args.export else (None if args.smoke else BUNDLED_ADAPTER)
+    if not args.point_weight >= 0:
+        ap.error(f"--point-weight {args.point_weight}; must be >= 0")
+    base, warm, steps, n_val = CPU_ARGS, CPU_WARM, dict(STEPS), VAL_USERS
+    weights = {**STAGES["rec"], "point": args.point_weight}
+    env_kwargs: dict = {"reward_weights": weights}
+    # only the default run makes the bundled adapter
+    default_run = not args.smoke and weights == STAGES["rec"]
+    export = Path(args.export) if args.export else (BUNDLED_ADAPTER if default_run else None)
     if args.model:
         base = replace(base, model=args.model)
     if args.run:
@@ -215,10 +238,10 @@ def main(argv=None) -> None:
                        dataset="synthetic")  # fmt: skip
         warm = replace(warm, episodes=2, epochs=1, batch=2, lora_r=2)
         steps, n_val = {"coldstart": 0, "rec": 1}, 3
-        env_kwargs = {"trm": TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)}
+        env_kwargs["trm"] = TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)
     if args.encoder:
-        env_kwargs = {**(env_kwargs or {}), "encoder": args.encoder}
-    command = "python -m benchmarks.curriculum_cpu" + (" --smoke" if args.smoke else "")
+        env_kwargs["encoder"] = args.encoder
+    command = shlex.join(["python", "-m", "benchmarks.curriculum_cpu", *(sys.argv[1:] if argv is None else argv)])
     run = Path(base.out)
     t0, cache_at_start = time.perf_counter(), cache_contents()
     resumed = (run / "log.jsonl").exists() or (run / "warmstart").exists()
@@ -243,11 +266,11 @@ def main(argv=None) -> None:
     if not resumed:
         timing = {"seconds": time.perf_counter() - t0, "cache_at_start": cache_at_start}
         (run / "timing.json").write_text(json.dumps(timing) + "\n")
-    readme = summarize(run, command, base, warm, steps, val, timing)
+    readme = summarize(run, command, base, warm, steps, weights, val, timing)
     (dest / "README.md").write_text(readme)
     (dest / "settings.json").write_text(json.dumps({"stage": asdict(base), "warm_start": asdict(warm),
-                                                    "steps": steps, "val_users": n_val, "timing": timing},
-                                                   indent=2))  # fmt: skip
+                                                    "reward_weights": weights, "steps": steps, "val_users": n_val,
+                                                    "timing": timing}, indent=2))  # fmt: skip
     if export is not None:
         export_adapter(final, export, base, readme, run / "curves.png")
     print(readme)

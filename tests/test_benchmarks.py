@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from deeprec_env.rewards import STAGES
+
 
 def test_trm_quality_smoke(tmp_path, tiny_encoder_path, capsys):
     from benchmarks import trm_quality
@@ -116,7 +118,9 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert "over 3 users" in text  # the paired interval
     assert (out / "curves.png").is_file() and (out / "warmstart.jsonl").is_file()
     assert "- wall clock: " in text and "cache at start: " in text  # a fresh run folder: the command is timed
-    assert json.loads((out / "settings.json").read_text())["timing"]["seconds"] > 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["timing"]["seconds"] > 0
+    assert settings["reward_weights"] == STAGES["rec"] and "weighted format 1, hit 1, rank 1, point 1" in text
     # the exported adapter: config, weights and settings, loadable without the run folder
     assert {p.name for p in export.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "deeprec.json",
                                                   "README.md", "curves.png"}  # fmt: skip
@@ -130,6 +134,15 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     (tmp_path / "run" / "timing.json").unlink()  # as after a killed first invocation: no run's time to report
     curriculum_cpu.main(argv)
     assert "wall clock" not in (out / "README.md").read_text()
+    # another point weight: a run of its own, not exported unless asked, its weights and command in the results
+    other = tmp_path / "res0"
+    argv0 = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(other),
+             "--run", str(tmp_path / "run0"), "--point-weight", "0"]  # fmt: skip
+    curriculum_cpu.main(argv0)
+    assert json.loads((other / "settings.json").read_text())["reward_weights"] == {**STAGES["rec"], "point": 0.0}
+    assert "--point-weight 0" in (other / "README.md").read_text() and "point 0," in (other / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        curriculum_cpu.main([*argv0, "--point-weight", "-1"])
 
 
 def test_curriculum_validation_separates_format_from_ranking():
