@@ -106,10 +106,10 @@ def test_lora_initialisation_follows_its_seed_only(tiny_lm_path):
     from agents.llm import add_lora, load_causal_lm
 
     def lora_a(seed: int, global_seed: int) -> list:
+        model = load_causal_lm(str(tiny_lm_path))[0]
         torch.manual_seed(global_seed)  # the caller's generator: must not matter, and must be left as it was
-        model = add_lora(load_causal_lm(str(tiny_lm_path))[0], 2, seed)
         state = torch.get_rng_state()
-        torch.manual_seed(global_seed)
+        model = add_lora(model, 2, seed)
         assert torch.equal(state, torch.get_rng_state())
         return [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
 
