@@ -480,6 +480,23 @@ def _advantages(rollouts: list[Rollout], args: GRPOArgs, accelerator) -> np.ndar
     return compute_advantages(rewards, args.whiten)[rank * len(local) : (rank + 1) * len(local)].reshape(-1)
 
 
+def varying_groups(rollouts: list[Rollout], group_size: int, keys: list[str]) -> list[int]:
+    """How many groups' samples differ in their reward, then in each reward component of ``keys``.
+
+    A group whose ``group_size`` rewards are all equal has advantage 0 everywhere: it teaches nothing (TRL logs
+    the complement, ``frac_reward_zero_std``). Per component it tells which part of the reward the signal
+    comes from (in stage 2: how many groups differ in ``hit``).
+
+    >>> from types import SimpleNamespace as N
+    >>> ro = lambda r, hit: N(reward=r, record=N(reward_components={"hit": hit}))
+    >>> varying_groups([ro(1.0, 1.0), ro(0.5, 0.0), ro(0.5, 0.0), ro(0.5, 0.0)], 2, ["hit"])
+    [1, 1]
+    """
+    values = np.array([[ro.reward, *(ro.record.reward_components[k] for k in keys)] for ro in rollouts], dtype=float)
+    values = values.reshape(-1, group_size, 1 + len(keys))
+    return [int(n) for n in (np.ptp(values, axis=1) > 1e-9).sum(axis=0)]
+
+
 def _log_entry(step: int, args: GRPOArgs, rollouts: list[Rollout], stats: dict, accelerator) -> dict:
     """The step's log line: episode statistics averaged over every process, and the update's."""
     world = accelerator.num_processes
@@ -488,6 +505,9 @@ def _log_entry(step: int, args: GRPOArgs, rollouts: list[Rollout], stats: dict, 
     rows = accelerator.gather(rows).cpu().numpy().mean(axis=0)
     totals = accelerator.reduce(torch.tensor([stats["loss"], stats["kl"], stats["policy_tokens"]],
                                              dtype=torch.float64, device=accelerator.device), "sum")  # fmt: skip
+    varying = accelerator.reduce(torch.tensor(varying_groups(rollouts, args.group_size, keys),
+                                              dtype=torch.float64, device=accelerator.device), "sum")  # fmt: skip
+    n_groups = len(rollouts) // args.group_size * world
     return {
         "step": step,
         "stage": args.stage,
@@ -503,6 +523,8 @@ def _log_entry(step: int, args: GRPOArgs, rollouts: list[Rollout], stats: dict, 
         "updates": stats["updates"],
         "clip_fraction": stats["clip_fraction"],
         "sampler_gap": stats["sampler_gap"],
+        "signal_groups": float(varying[0]) / n_groups,
+        **{f"signal_groups_{k}": float(v) / n_groups for k, v in zip(keys, varying[1:], strict=True)},
         "processes": world,
     }
 

@@ -80,6 +80,8 @@ def test_one_step_per_stage_changes_weights(tmp_path, tiny_lm_path, env_kwargs, 
     ckpt = train(_args(tmp_path, tiny_lm_path, stage=stage, temperature=1.5), env_kwargs, progress=False)
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and np.isfinite(log[0]["loss"]) and log[0]["policy_tokens"] > 0
+    # every episode failed alike: no group carries a signal (the advantages above are patched in)
+    assert log[0]["signal_groups"] == 0.0 and log[0]["signal_groups_format"] == 0.0
     after, _ = load_causal_lm(str(ckpt))
     changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True)]
     assert any(changed)
@@ -242,3 +244,19 @@ def test_grpo_module_has_a_cli(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--mini-batches" in text and "--top-k" in text and "--stage" in text
+
+
+def test_varying_groups_counts_groups_whose_samples_differ():
+    from types import SimpleNamespace as N
+
+    from agents.grpo import varying_groups
+
+    def ro(reward, hit, point):
+        return N(reward=reward, record=N(reward_components={"hit": hit, "point": point}))
+
+    groups = [[ro(3.0, 1.0, 2.0), ro(2.0, 0.0, 2.0)],  # differs in hit
+              [ro(1.0, 0.0, 1.0), ro(1.5, 0.0, 1.5)],  # differs in point only
+              [ro(0.0, 0.0, 0.0), ro(0.0, 0.0, 0.0)]]  # no signal  # fmt: skip
+    flat = [r for g in groups for r in g]
+    assert varying_groups(flat, 2, ["hit", "point"]) == [2, 1, 1]
+    assert varying_groups(flat, 6, ["hit", "point"]) == [1, 1, 1]
