@@ -160,6 +160,25 @@ def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str, cu
     (dest / "README.md").write_text(readme)
 
 
+def signal_text(rows: list[dict], users_per_step: int, group_size: int) -> str:
+    """Where stage 2's learning signal came from: groups whose rewards differed, and differed in ``hit``.
+
+    Empty for a log written before ``signal_groups`` was logged.
+    """
+    rows = [r for r in rows if "signal_groups_hit" in r]
+    if not rows:
+        return ""
+    n = len(rows) * users_per_step
+    signal = round(sum(r["signal_groups"] for r in rows) * users_per_step)
+    hit = round(sum(r["signal_groups_hit"] for r in rows) * users_per_step)
+    hits = round(sum(r["reward_hit"] for r in rows) * users_per_step * group_size)
+    return (
+        f"Learning signal: the rewards differed inside {signal} of the {n} groups (one user's {group_size} "
+        f"samples each), and hitting the target did in {hit}; {hits} of {n * group_size} sampled episodes "
+        "hit.\n\n"
+    )
+
+
 def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dict, weights: dict, val: dict,
               timing: dict | None = None) -> str:  # fmt: skip
     """README text of a finished run folder.
@@ -168,8 +187,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
     """
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     state = json.loads((out / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
-    cols = ["step", "stage", "reward", "reward_hit", "reward_rank", "calls", "format_fail", "loss", "clip_fraction",
-            "seconds"]  # fmt: skip
+    cols = ["step", "stage", "reward", "reward_hit", "reward_rank", "calls", "format_fail", "signal_groups",
+            "signal_groups_hit", "loss", "clip_fraction", "seconds"]  # fmt: skip
     protocol = {
         "model": f"{base.model} (SmolLM2-135M-Instruct, fp32) + LoRA r={base.lora_r} on every linear layer, "
         f"chat prompt, sampling temperature {base.temperature}",
@@ -200,7 +219,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"## Validation before and after stage 2 ({val['users']} fixed users, greedy)\n\n"
         f"{markdown_table(val['rows'], vcols)}\n\n"
         f"Scripted agents on the same users and episodes:\n\n{markdown_table(val['scripted'], scols)}\n\n"
-        f"## Every step\n\n{markdown_table(rows, cols)}\n\n![curves](curves.png)\n"
+        f"## Every step\n\n{signal_text(rows, base.users_per_step, base.group_size)}{markdown_table(rows, cols)}\n\n"
+        "![curves](curves.png)\n"
     )
 
 
