@@ -1,6 +1,6 @@
 """Stage 2 on a CPU: SmolLM2-135M with a LoRA adapter on the embedded ml-100k, validated before and after.
 
-    python -m benchmarks.curriculum_cpu             # ~66 min on a 2-core CPU (cache holding the TRM and SmolLM2)
+    python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
@@ -149,11 +149,16 @@ def weights_text(weights: dict[str, float]) -> str:
 def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str, curves: Path) -> None:
     """Copy the adapter, its settings, the run's README and its curves to ``dest``.
 
-    The adapter is its config and weights only: the base model's tokenizer serves.
+    The adapter is its config and weights only: the base model's tokenizer serves. peft writes the config's
+    ``target_modules`` in set order, which changes from process to process (string hashing): the copy lists them
+    sorted, so the same run gives the same files.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy(checkpoint / name, dest / name)
+    shutil.copy(checkpoint / "adapter_model.safetensors", dest / "adapter_model.safetensors")
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copy(curves, dest / "curves.png")
     settings = {"episode": episode_settings(base), "max_new_tokens": base.max_new_tokens}
     (dest / "deeprec.json").write_text(json.dumps(settings, indent=2) + "\n")

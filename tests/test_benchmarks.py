@@ -125,6 +125,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     # the exported adapter: config, weights and settings, loadable without the run folder
     assert {p.name for p in export.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "deeprec.json",
                                                   "README.md", "curves.png"}  # fmt: skip
+    modules = json.loads((export / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules)  # not peft's set order, which changes from process to process
     from agents.llm import load_causal_lm
 
     model, tok = load_causal_lm(str(export))
