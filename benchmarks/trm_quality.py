@@ -170,7 +170,10 @@ def main(argv=None) -> None:
         "early stopping": "best validation NDCG over the full ranking (no preference), of a moving average "
         f"of the weights (decay {config.ema})",
         "probes": "one preference per test user, as written in each row; 'vs none' = NDCG@10 over NDCG@10 "
-        "without a preference on the same users; top-20 columns: mean release year, share carrying a "
+        "without a preference on the same users; 'top10 hit changed' = users whose target enters or leaves the "
+        "top 10 against no preference; the best-of row takes each user's best rank among the three honest "
+        "preferences (chosen with the target: an upper bound on choosing among them); top-20 columns:"
+        " mean release year, share carrying a "
         "category the probe names, share in the decade it names, each beside the same share without a "
         "preference '(none)'",
         "user groups": f"rl = {len(dataset.user_group('rl'))} users (seeded half, seed 0), eval = the other "

@@ -14,6 +14,14 @@ def test_trm_quality_smoke(tmp_path, tiny_encoder_path, capsys):
     data = json.loads((tmp_path / "trm_quality_smoke.json").read_text())
     assert {r["model"].split(",")[0] for r in data["rows"]} == {"popularity", "SASRec (ID only)", "PreferenceTRM"}
     assert data["protocol"]["history items"] == "not masked"
+    from benchmarks.probes import BEST_OF, HONEST
+
+    probes = {r["probe"]: r for r in data["probes"]}
+    assert probes["none"]["top10 hit changed"] == 0
+    for k in ("ndcg@10", "recall@10", "ndcg@20"):  # the best rank per example beats every probe it picks from
+        assert probes[BEST_OF][k] >= max(probes[name][k] for name in HONEST) - 1e-12
+    best, none = probes[BEST_OF], probes["none"]  # none is among the picks: the best only turns misses into hits
+    assert best["recall@10"] - none["recall@10"] == pytest.approx(best["top10 hit changed"] / best["examples"])
 
 
 def test_trm_sweep_smoke_ranks_settings_by_validation(tmp_path, tiny_encoder_path):
