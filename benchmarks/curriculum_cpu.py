@@ -165,22 +165,27 @@ def export_adapter(checkpoint: Path, dest: Path, base: GRPOArgs, readme: str, cu
     (dest / "README.md").write_text(readme)
 
 
-def signal_text(rows: list[dict], users_per_step: int, group_size: int) -> str:
-    """Where stage 2's learning signal came from: groups whose rewards differed, and differed in ``hit``.
+def signal_text(rows: list[dict], users_per_step: int, group_size: int, weights: dict[str, float]) -> str:
+    """Where stage 2's learning signal came from: groups whose rewards differed, in all and by reward component.
 
-    Empty for a log written before ``signal_groups`` was logged.
+    Only components ``weights`` counts are listed (one of weight 0 may differ without moving anything). Empty
+    for a log written before ``signal_groups`` was logged.
     """
     rows = [r for r in rows if "signal_groups_hit" in r]
     if not rows:
         return ""
     n = len(rows) * users_per_step
-    signal = round(sum(r["signal_groups"] for r in rows) * users_per_step)
-    hit = round(sum(r["signal_groups_hit"] for r in rows) * users_per_step)
+
+    def groups(key: str) -> int:
+        return round(sum(r[key] for r in rows) * users_per_step)
+
+    parts = {c: groups(f"signal_groups_{c}") for c, w in weights.items() if w and f"signal_groups_{c}" in rows[0]}
+    by_part = ", ".join(f"{k} {v}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
     hits = round(sum(r["reward_hit"] for r in rows) * users_per_step * group_size)
     return (
-        f"Learning signal: the rewards differed inside {signal} of the {n} groups (one user's {group_size} "
-        f"samples each), and hitting the target did in {hit}; {hits} of {n * group_size} sampled episodes "
-        "hit.\n\n"
+        f"Learning signal: the rewards differed inside {groups('signal_groups')} of the {n} groups (one user's "
+        f"{group_size} samples each); by component: {by_part or 'none'}. {hits} of {n * group_size} sampled "
+        "episodes hit.\n\n"
     )
 
 
@@ -224,8 +229,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"## Validation before and after stage 2 ({val['users']} fixed users, greedy)\n\n"
         f"{markdown_table(val['rows'], vcols)}\n\n"
         f"Scripted agents on the same users and episodes:\n\n{markdown_table(val['scripted'], scols)}\n\n"
-        f"## Every step\n\n{signal_text(rows, base.users_per_step, base.group_size)}{markdown_table(rows, cols)}\n\n"
-        "![curves](curves.png)\n"
+        f"## Every step\n\n{signal_text(rows, base.users_per_step, base.group_size, weights)}"
+        f"{markdown_table(rows, cols)}\n\n![curves](curves.png)\n"
     )
 
 

@@ -124,7 +124,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     val = json.loads((out / "validation.json").read_text())
     assert val["users"] == len(val["before"]) == len(val["after"]) == 3
     assert "over 3 users" in text  # the paired interval
-    assert "groups (one user's 2 samples each)" in text and "of 2 sampled episodes hit" in text  # the signal
+    assert "groups (one user's 2 samples each); by component: " in text and "of 2 sampled episodes hit" in text
     assert (out / "curves.png").is_file() and (out / "warmstart.jsonl").is_file()
     assert "- wall clock: " in text and "cache at start: " in text  # a fresh run folder: the command is timed
     settings = json.loads((out / "settings.json").read_text())
@@ -268,3 +268,18 @@ def test_reward_probe_smoke(tmp_path, tiny_encoder_path):
     assert again["TRM order reversed"] == rows["TRM order reversed"]  # no repeats there: the same
     with pytest.raises(SystemExit):
         reward_probe.main(["--smoke", "--episodes", "0"])
+
+
+def test_curriculum_signal_text_counts_groups_by_component():
+    from benchmarks.curriculum_cpu import signal_text
+
+    rows = [{"reward_hit": 0.25, "signal_groups": 1.0, "signal_groups_hit": 0.5, "signal_groups_point": 1.0,
+             "signal_groups_format": 0.0},
+            {"reward_hit": 0.0, "signal_groups": 0.5, "signal_groups_hit": 0.0, "signal_groups_point": 0.5,
+             "signal_groups_format": 0.0}]  # fmt: skip
+    weights = {"format": 1.0, "hit": 1.0, "point": 1.0}
+    text = signal_text(rows, users_per_step=2, group_size=4, weights=weights)
+    assert "differed inside 3 of the 4 groups" in text and "by component: point 3, hit 1." in text
+    assert "2 of 16 sampled episodes hit" in text
+    assert "by component: hit 1." in signal_text(rows, 2, 4, {**weights, "point": 0.0})  # weight 0 moves nothing
+    assert signal_text([{"reward_hit": 0.0}], 2, 4, weights) == ""  # a log from before signal_groups
