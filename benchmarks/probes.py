@@ -96,9 +96,9 @@ def probe_table(model, dataset, encoder, split: str = "test", exclude_history: b
             row["(none) "] = f"{_decade_share(base_top, decades, years):.2f}"
         rows.append(row)
     if len(honest) == len(HONEST):  # every honest probe covers every example: pick the best rank per example
-        ranks = np.stack([np.where(r >= 0, r, np.iinfo(np.int64).max) for r in honest.values()]).min(axis=0)
-        rows.append(_ranking_row(BEST_OF, "privileged", np.where(ranks == np.iinfo(np.int64).max, -1, ranks),
-                                 none_ranks))  # fmt: skip
+        miss = np.iinfo(np.int64).max  # a -1 (excluded target) must not win the minimum
+        best = np.stack([np.where(r >= 0, r, miss) for r in honest.values()]).min(axis=0)
+        rows.append(_ranking_row(BEST_OF, "privileged", np.where(best == miss, -1, best), none_ranks))
     return rows
 
 

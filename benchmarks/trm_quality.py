@@ -172,10 +172,9 @@ def main(argv=None) -> None:
         "probes": "one preference per test user, as written in each row; 'vs none' = NDCG@10 over NDCG@10 "
         "without a preference on the same users; 'top10 hit changed' = users whose target enters or leaves the "
         "top 10 against no preference; the best-of row takes each user's best rank among the three honest "
-        "preferences (chosen with the target: an upper bound on choosing among them); top-20 columns:"
-        " mean release year, share carrying a "
-        "category the probe names, share in the decade it names, each beside the same share without a "
-        "preference '(none)'",
+        "preferences (chosen with the target: an upper bound on choosing among them); top-20 columns: mean "
+        "release year, share carrying a category the probe names, share in the decade it names, each beside the "
+        "same share without a preference '(none)'",
         "user groups": f"rl = {len(dataset.user_group('rl'))} users (seeded half, seed 0), eval = the other "
         f"{len(dataset.user_group('eval'))}; position check = a no-preference TRM with the same settings that "
         f"never trains on the last three items, {2 if args.smoke else args.position_epochs} epochs",
