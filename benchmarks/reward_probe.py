@@ -24,14 +24,22 @@ from deeprec_env.protocol import answer_text, call_text, history_block, read_ite
 from deeprec_env.rewards import item_similarity
 
 
-def answers(fresh: list[str], central: dict[str, float], to_history: dict[str, float]) -> dict[str, list[str]]:
-    """The answers compared: ``fresh`` is the retrieved list with the shown history's titles moved last."""
+def answers(
+    fresh: list[str], central: dict[str, float], to_history: dict[str, float], shown: list[str]
+) -> dict[str, list[str]]:
+    """The answers compared: ``fresh`` is the retrieved list with the shown history's titles moved last.
+
+    ``shown`` (the prompt's history titles) makes one more answer: those titles copied first, then ``fresh``, cut to
+    its length (items the user has consumed, so never the target, but close to it in ``point``'s similarity).
+    """
+    copied = (shown + [t for t in fresh if t not in shown])[: len(fresh)]
     return {
         "TRM order (shown history last)": fresh,
         "TRM order reversed": fresh[::-1],
         "by centrality (mean similarity to the catalogue)": sorted(fresh, key=lambda t: -central[t]),
         "by similarity to the shown history": sorted(fresh, key=lambda t: -to_history[t]),
         "the first item written ten times": [fresh[0]] * len(fresh),
+        "the shown history's titles first, then TRM order": copied,
     }
 
 
@@ -57,7 +65,7 @@ def probe(env_kwargs: dict, n: int) -> list[dict]:
         fresh = unseen_first(retrieved, titles, len(retrieved))
         hist = [first[t] for t in titles if t in first]
         to_history = dict(zip(retrieved, sim([first[t] for t in retrieved], hist).mean(1).tolist(), strict=True))
-        for name, answer in answers(fresh, central, to_history).items():
+        for name, answer in answers(fresh, central, to_history, [t for t, _ in shown]).items():
             env.reset(options={"example": j})
             env.step(call)
             _, reward, _, _, info = env.step(answer_text(answer, protocol, REASONING))
@@ -90,7 +98,8 @@ def main(argv=None) -> None:
         "data": f"{env_kwargs.get('dataset', 'ml-100k')}, test split (leave-one-out by time), the RL user group's "
         f"first {rows[0]['episodes']} examples (the bundled CPU run's training episodes)",
         "episode": "one call with the top category of the 5 history items the prompt shows, top-10 retrieved; "
-        "every answer is these 10 titles (the shown history's last), reordered or repeated",
+        "every answer is these 10 titles (the shown history's last), reordered or repeated, except the last "
+        "row's: the prompt's history titles copied first, then the retrieved ones",
         "reward": "rec = format + hit + rank + point (point x10 scale, weights (1 - i/n)^2), "
         f"point_repeats={args.point_repeats}",
         "history items": "not masked",
