@@ -3,6 +3,9 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
+``--point-weight`` and ``--difficulty-top`` make variants (with ``--run`` and ``--out`` of their own); only the
+default settings export the bundled adapter unless ``--export`` says where.
+
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
    history). SmolLM2-135M never calls the tool by itself, so RL cannot start from it (``docs/training.md``).
@@ -248,14 +251,23 @@ def main(argv=None) -> None:
         default=STAGES["rec"]["point"],
         help="weight of stage 2's point reward (default: the reference's 1; 0 leaves format, hit, rank)",
     )
+    ap.add_argument(
+        "--difficulty-top",
+        type=int,
+        default=CPU_ARGS.difficulty_top,
+        help="stage 2 trains on users whose target is in the TRM's top-N without a preference "
+        f"(default {CPU_ARGS.difficulty_top})",
+    )
     args = ap.parse_args(argv)
     if not args.point_weight >= 0:
         ap.error(f"--point-weight {args.point_weight}; must be >= 0")
-    base, warm, steps, n_val = CPU_ARGS, CPU_WARM, dict(STEPS), VAL_USERS
+    if args.difficulty_top < 1:
+        ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
+    base, warm, steps, n_val = replace(CPU_ARGS, difficulty_top=args.difficulty_top), CPU_WARM, dict(STEPS), VAL_USERS
     weights = {**STAGES["rec"], "point": args.point_weight}
     env_kwargs: dict = {"reward_weights": weights}
     # only the default run makes the bundled adapter
-    default_run = not args.smoke and weights == STAGES["rec"]
+    default_run = not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS
     export = Path(args.export) if args.export else (BUNDLED_ADAPTER if default_run else None)
     if args.model:
         base = replace(base, model=args.model)

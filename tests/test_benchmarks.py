@@ -145,15 +145,19 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     (tmp_path / "run" / "timing.json").unlink()  # as after a killed first invocation: no run's time to report
     curriculum_cpu.main(argv)
     assert "wall clock" not in (out / "README.md").read_text()
-    # another point weight: a run of its own, not exported unless asked, its weights and command in the results
+    # another point weight and difficulty: a run of its own, not exported unless asked, its settings and command
+    # in the results
     other = tmp_path / "res0"
     argv0 = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(other),
-             "--run", str(tmp_path / "run0"), "--point-weight", "0"]  # fmt: skip
+             "--run", str(tmp_path / "run0"), "--point-weight", "0", "--difficulty-top", "50"]  # fmt: skip
     curriculum_cpu.main(argv0)
-    assert json.loads((other / "settings.json").read_text())["reward_weights"] == {**STAGES["rec"], "point": 0.0}
-    assert "--point-weight 0" in (other / "README.md").read_text() and "point 0," in (other / "README.md").read_text()
-    with pytest.raises(SystemExit):
-        curriculum_cpu.main([*argv0, "--point-weight", "-1"])
+    settings = json.loads((other / "settings.json").read_text())
+    assert settings["reward_weights"] == {**STAGES["rec"], "point": 0.0} and settings["stage"]["difficulty_top"] == 50
+    text = (other / "README.md").read_text()
+    assert "--point-weight 0 --difficulty-top 50" in text and "point 0," in text and "in the TRM's top-50" in text
+    for bad in (["--point-weight", "-1"], ["--difficulty-top", "0"]):
+        with pytest.raises(SystemExit):
+            curriculum_cpu.main([*argv0, *bad])
 
 
 def test_curriculum_validation_separates_format_from_ranking():
@@ -258,7 +262,7 @@ def test_reward_probe_smoke(tmp_path, tiny_encoder_path):
     argv = ["--smoke", "--episodes", "6", "--encoder", str(tiny_encoder_path), "--out", str(tmp_path)]
     reward_probe.main(argv)
     rows = {r["answer"]: r for r in json.loads((tmp_path / "reward_probe_smoke.json").read_text())["rows"]}
-    assert len(rows) == 5 and all(r["episodes"] == 6 for r in rows.values())
+    assert len(rows) == 6 and all(r["episodes"] == 6 for r in rows.values())
     for r in rows.values():  # the components add up: every answer is well-formed, so format is 0
         assert r["reward"] == pytest.approx(r["point"] + r["hit + rank"])
     reward_probe.main([*argv, "--point-repeats"])  # the reference's rule pays for the repeats
@@ -268,6 +272,15 @@ def test_reward_probe_smoke(tmp_path, tiny_encoder_path):
     assert again["TRM order reversed"] == rows["TRM order reversed"]  # no repeats there: the same
     with pytest.raises(SystemExit):
         reward_probe.main(["--smoke", "--episodes", "0"])
+
+
+def test_reward_probe_answers_copy_the_shown_history_first():
+    from benchmarks.reward_probe import answers
+
+    fresh = ["a", "b", "c", "h2"]  # h2 retrieved and shown: already moved last in fresh
+    out = answers(fresh, dict.fromkeys(fresh, 0.0), dict.fromkeys(fresh, 0.0), ["h1", "h2"])
+    assert out["the shown history's titles first, then TRM order"] == ["h1", "h2", "a", "b"]
+    assert all(len(a) == len(fresh) for a in out.values()) and out["TRM order (shown history last)"] == fresh
 
 
 def test_curriculum_signal_text_counts_groups_by_component():
