@@ -3,8 +3,8 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight`` and ``--difficulty-top`` make variants (with ``--run`` and ``--out`` of their own); only the
-default settings export the bundled adapter unless ``--export`` says where.
+``--point-weight``, ``--difficulty-top`` and ``--mask-history`` make variants (with ``--run`` and ``--out`` of their
+own); only the default settings export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -193,7 +193,7 @@ def signal_text(rows: list[dict], users_per_step: int, group_size: int, weights:
 
 
 def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dict, weights: dict, val: dict,
-              timing: dict | None = None) -> str:  # fmt: skip
+              timing: dict | None = None, mask_history: bool = False) -> str:  # fmt: skip
     """README text of a finished run folder.
 
     ``weights``: stage 2's reward weights; ``timing``: wall seconds and cache at start, when the run was timed.
@@ -217,7 +217,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
         f"whitening '{base.whiten}', KL {base.kl_coef}",
         "episode": f"last {base.prompt_history} history items in the prompt, top-{base.retrieval_k} items per call, "
-        f"at most {base.max_new_tokens} new tokens per segment",
+        f"at most {base.max_new_tokens} new tokens per segment"
+        + (", the user's history never retrieved (mask_history)" if mask_history else ""),
         "seed": base.seed,
     }
     if timing:
@@ -258,6 +259,11 @@ def main(argv=None) -> None:
         help="stage 2 trains on users whose target is in the TRM's top-N without a preference "
         f"(default {CPU_ARGS.difficulty_top})",
     )
+    ap.add_argument(
+        "--mask-history",
+        action="store_true",
+        help="the TRM never returns the user's history items (warm start, stage 2 and validation alike)",
+    )
     args = ap.parse_args(argv)
     if not args.point_weight >= 0:
         ap.error(f"--point-weight {args.point_weight}; must be >= 0")
@@ -265,9 +271,9 @@ def main(argv=None) -> None:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     base, warm, steps, n_val = replace(CPU_ARGS, difficulty_top=args.difficulty_top), CPU_WARM, dict(STEPS), VAL_USERS
     weights = {**STAGES["rec"], "point": args.point_weight}
-    env_kwargs: dict = {"reward_weights": weights}
+    env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
     # only the default run makes the bundled adapter
-    default_run = not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS
+    default_run = not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS and not args.mask_history
     export = Path(args.export) if args.export else (BUNDLED_ADAPTER if default_run else None)
     if args.model:
         base = replace(base, model=args.model)
@@ -308,11 +314,11 @@ def main(argv=None) -> None:
     if not resumed:
         timing = {"seconds": time.perf_counter() - t0, "cache_at_start": cache_at_start}
         (run / "timing.json").write_text(json.dumps(timing) + "\n")
-    readme = summarize(run, command, base, warm, steps, weights, val, timing)
+    readme = summarize(run, command, base, warm, steps, weights, val, timing, args.mask_history)
     (dest / "README.md").write_text(readme)
-    (dest / "settings.json").write_text(json.dumps({"stage": asdict(base), "warm_start": asdict(warm),
-                                                    "reward_weights": weights, "steps": steps, "val_users": n_val,
-                                                    "timing": timing}, indent=2))  # fmt: skip
+    settings = {"stage": asdict(base), "warm_start": asdict(warm), "reward_weights": weights,
+                "mask_history": args.mask_history, "steps": steps, "val_users": n_val, "timing": timing}  # fmt: skip
+    (dest / "settings.json").write_text(json.dumps(settings, indent=2))
     if export is not None:
         export_adapter(final, export, base, readme, run / "curves.png")
     print(readme)

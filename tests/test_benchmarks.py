@@ -149,12 +149,15 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     # in the results
     other = tmp_path / "res0"
     argv0 = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(other),
-             "--run", str(tmp_path / "run0"), "--point-weight", "0", "--difficulty-top", "50"]  # fmt: skip
+             "--run", str(tmp_path / "run0"), "--point-weight", "0", "--difficulty-top", "50",
+             "--mask-history"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
     assert settings["reward_weights"] == {**STAGES["rec"], "point": 0.0} and settings["stage"]["difficulty_top"] == 50
+    assert settings["mask_history"] and not json.loads((out / "settings.json").read_text())["mask_history"]
     text = (other / "README.md").read_text()
-    assert "--point-weight 0 --difficulty-top 50" in text and "point 0," in text and "in the TRM's top-50" in text
+    assert "--point-weight 0 --difficulty-top 50 --mask-history" in text and "point 0," in text
+    assert "in the TRM's top-50" in text and "history never retrieved" in text
     for bad in (["--point-weight", "-1"], ["--difficulty-top", "0"]):
         with pytest.raises(SystemExit):
             curriculum_cpu.main([*argv0, *bad])
