@@ -196,7 +196,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
               timing: dict | None = None, mask_history: bool = False) -> str:  # fmt: skip
     """README text of a finished run folder.
 
-    ``weights``: stage 2's reward weights; ``timing``: wall seconds and cache at start, when the run was timed.
+    ``weights``: stage 2's reward weights; ``timing``: wall seconds and cache at start, when the run was timed;
+    ``mask_history``: the env's setting of that name, said in the protocol.
     """
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     state = json.loads((out / "warmstart" / "checkpoint" / "trainer_state.json").read_text())

@@ -30,7 +30,7 @@ def answers(
     """The answers compared: ``fresh`` is the retrieved list with the shown history's titles moved last.
 
     ``shown`` (the prompt's history titles) makes one more answer: those titles copied first, then ``fresh``, cut to
-    its length (items the user has consumed, so never the target, but close to it in ``point``'s similarity).
+    its length (items the user has consumed, so never the target: does ``point`` pay for copying them?).
     """
     copied = (shown + [t for t in fresh if t not in shown])[: len(fresh)]
     return {
