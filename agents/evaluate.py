@@ -21,6 +21,7 @@ import numpy as np
 
 from agents.base import EpisodeRecord, Policy, run_episodes
 from deeprec_env.env import DeepRecEnv, EnvConfig, Resources, episode_split, get_resources
+from deeprec_env.trm import weights_digest
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
@@ -176,10 +177,19 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
         "retrieval": f"top-{config.retrieval_k} per call, dedup {config.dedup_retrieved}, budget {config.max_calls}",
         "k": config.answer_k,
         "seed": args.seed,
+        "trm": _trm_line(res.retriever),
     }
     result = {"protocol": protocol, "args": asdict(args), "env": _plain(asdict(config)), "summaries": summaries}
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _trm_line(retriever) -> str:
+    """The protocol's TRM line: the weights' digest, since other machines may train other weights."""
+    trm = getattr(retriever, "trm", None)
+    if trm is None:
+        return f"{type(retriever).__name__} (no local weights)"
+    return f"weights {weights_digest(trm)} (docs/trm.md: which machines train the same TRM)"
 
 
 def paired_difference(a: dict, b: dict, seed: int = 0, n: int = 2000) -> tuple[float, float, float, int]:

@@ -591,6 +591,20 @@ TRM_FILES = ("model.safetensors", "config.json")
 """What a TRM checkpoint folder holds; ``config.json`` is written last and names the weights' SHA-256."""
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A short SHA-256 of ``model``'s weights (as float32, in name order): which TRM a figure came from.
+
+    The same settings and seed train the same weights on one machine; another CPU type or torch thread count
+    sums floats in another order and trains slightly different ones (``docs/trm.md``), so benchmark protocols
+    print this digest next to their figures.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def save_trm(model: PreferenceTRM, path: str | os.PathLike, dataset: RecDataset, extra: dict | None = None) -> Path:
     """Write ``path/model.safetensors``, then ``path/config.json`` (dataset fingerprint, weights' SHA-256).
 

@@ -101,7 +101,11 @@ def test_evaluate_run_writes_files(env_kwargs, resources, tmp_path):
     assert [s["agent"] for s in result["summaries"]] == ["popularity", "trm-only"]
     lines = (tmp_path / "trm-only.jsonl").read_text().splitlines()
     assert len(lines) == 12 and "metrics" in json.loads(lines[0])
-    assert "ranking" in json.loads((tmp_path / "summary.json").read_text())["protocol"]
+    protocol = json.loads((tmp_path / "summary.json").read_text())["protocol"]
+    assert "ranking" in protocol
+    from deeprec_env.trm import weights_digest
+
+    assert protocol["trm"].startswith(f"weights {weights_digest(resources.retriever.trm)} ")  # which TRM it was
     with pytest.raises(ValueError, match="unknown agent"):
         run(EvalArgs(agents="nope", dataset="synthetic", out=str(tmp_path)), env_kwargs=env_kwargs, progress=False)
 

@@ -15,6 +15,7 @@ from deeprec_env.trm import (
     save_trm,
     train_trm,
     trm_sequences,
+    weights_digest,
 )
 
 TINY = dict(d_model=16, n_heads=2, ffn_dim=32, max_len=12, max_epochs=4, patience=10, batch_size=32, lr=5e-3)
@@ -42,6 +43,7 @@ class TRMTests:
         for (k, a), b in zip(trained[0].state_dict().items(), again.state_dict().values(), strict=True):
             assert torch.equal(a, b), k
         assert trained[1]["best_valid_ndcg10"] == log2["best_valid_ndcg10"]
+        assert weights_digest(trained[0]) == weights_digest(again)
 
     def test_training_leaves_global_rng_alone(self, tiny_ds, tiny_encoder):
         torch.manual_seed(123)
@@ -58,6 +60,11 @@ class TRMTests:
         seqs = torch.as_tensor(tiny_ds.split("test").histories(self.config.max_len)[:5])
         with torch.no_grad():
             assert torch.allclose(model.scores(seqs), loaded.scores(seqs))
+        assert weights_digest(loaded) == weights_digest(model)
+        changed = load_trm(path, tiny_ds)
+        with torch.no_grad():
+            next(changed.parameters()).view(-1)[0] += 1e-6
+        assert weights_digest(changed) != weights_digest(model)
         save_trm(model, path, tiny_ds)  # overwrite in place
         assert sorted(p.name for p in tmp_path.iterdir()) == ["trm"]
 
