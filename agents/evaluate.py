@@ -177,14 +177,14 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
         "retrieval": f"top-{config.retrieval_k} per call, dedup {config.dedup_retrieved}, budget {config.max_calls}",
         "k": config.answer_k,
         "seed": args.seed,
-        "trm": _trm_line(res.retriever),
+        "trm": trm_line(res.retriever),
     }
     result = {"protocol": protocol, "args": asdict(args), "env": _plain(asdict(config)), "summaries": summaries}
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def _trm_line(retriever) -> str:
+def trm_line(retriever) -> str:
     """The protocol's TRM line: the weights' digest, since other machines may train other weights."""
     trm = getattr(retriever, "trm", None)
     if trm is None:

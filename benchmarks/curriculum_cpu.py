@@ -35,11 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from agents.curriculum import run_curriculum
+from agents.evaluate import trm_line
 from agents.grpo import GRPOArgs
 from agents.llm import BUNDLED_ADAPTER
 from agents.rollout import episode_settings
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
+from deeprec_env.env import EnvConfig, get_resources
 from deeprec_env.rewards import STAGES
 
 CPU_ARGS = GRPOArgs(users_per_step=2, group_size=4, rollout_batch=8, micro_batch=2, prompt_history=5,
@@ -222,6 +224,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         + (", the user's history never retrieved (mask_history)" if mask_history else ""),
         "seed": base.seed,
     }
+    if "trm" in val:  # which TRM (another machine may train another: docs/trm.md)
+        protocol["trm"] = val["trm"]
     if timing:
         protocol["wall clock"] = (f"{timing['seconds'] / 60:.1f} min for this command (warm start, validations, "
                                   f"stage 2; cache at start: {timing['cache_at_start']})")  # fmt: skip
@@ -303,6 +307,7 @@ def main(argv=None) -> None:
     after = validation(final, base, env_kwargs, n_val, run / "val_after.jsonl")
     val = compare_validation(before, after, base.seed)
     val["scripted"] = scripted_validation(base, env_kwargs, n_val, ("trm-only", warm.teacher))
+    val["trm"] = trm_line(get_resources(EnvConfig(**base.env_kwargs("rec", env_kwargs))).retriever)
     dest = Path(args.out) if args.out else RESULTS / ("curriculum_cpu" + ("_smoke" if args.smoke else ""))
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "log.jsonl", dest / "log.jsonl")

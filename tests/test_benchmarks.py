@@ -124,6 +124,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     val = json.loads((out / "validation.json").read_text())
     assert val["users"] == len(val["before"]) == len(val["after"]) == 3
     assert "over 3 users" in text  # the paired interval
+    assert val["trm"].startswith("weights ") and f"- trm: {val['trm']}" in text  # which TRM the run had
     assert "groups (one user's 2 samples each); by component: " in text and "of 2 sampled episodes hit" in text
     assert (out / "curves.png").is_file() and (out / "warmstart.jsonl").is_file()
     assert "- wall clock: " in text and "cache at start: " in text  # a fresh run folder: the command is timed
