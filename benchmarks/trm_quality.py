@@ -23,7 +23,15 @@ from benchmarks.common import environment, markdown_table, protocol_text, write_
 from benchmarks.probes import PROBE_COLUMNS, probe_table
 from deeprec_env.data import load_dataset, synthetic
 from deeprec_env.metrics import full_ranks, rank_metrics
-from deeprec_env.trm import TRMConfig, evaluate_ranks, load_or_train_trm, save_trm, train_trm, trm_cache_path
+from deeprec_env.trm import (
+    TRMConfig,
+    evaluate_ranks,
+    load_or_train_trm,
+    save_trm,
+    train_trm,
+    trm_cache_path,
+    weights_digest,
+)
 
 KS_RECALL, KS_NDCG = (1, 5, 10, 20), (5, 10, 20)
 SASREC_LONG_PATIENCE = 20
@@ -79,7 +87,8 @@ def run(
     probes = probe_table(trm, dataset, encoder, "test", exclude_history)
     groups = group_rows(r, dataset, seed)
     positions = position_rows(dataset, config, encoder, position_epochs, progress) if position_epochs else []
-    return {"rows": rows, "probes": probes, "groups": groups, "positions": positions, "trm_train_log": log}
+    return {"rows": rows, "probes": probes, "groups": groups, "positions": positions, "trm_train_log": log,
+            "trm_digest": weights_digest(trm)}  # fmt: skip
 
 
 def _bootstrap(values_a: np.ndarray, values_b: np.ndarray, seed: int, n: int = 2000) -> tuple[float, float]:
@@ -167,6 +176,7 @@ def main(argv=None) -> None:
         "the JSON file)",
         "text encoder": args.encoder,
         "seed": args.seed,
+        "trm": f"weights {result['trm_digest']} (docs/trm.md: which machines train the same TRM)",
         "early stopping": "best validation NDCG over the full ranking (no preference), of a moving average "
         f"of the weights (decay {config.ema})",
         "probes": "one preference per test user, as written in each row; 'vs none' = NDCG@10 over NDCG@10 "

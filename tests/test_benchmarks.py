@@ -14,6 +14,7 @@ def test_trm_quality_smoke(tmp_path, tiny_encoder_path, capsys):
     data = json.loads((tmp_path / "trm_quality_smoke.json").read_text())
     assert {r["model"].split(",")[0] for r in data["rows"]} == {"popularity", "SASRec (ID only)", "PreferenceTRM"}
     assert data["protocol"]["history items"] == "not masked"
+    assert data["protocol"]["trm"].startswith("weights ") and data["protocol"]["trm"] in out  # which TRM it was
     from benchmarks.probes import BEST_OF, HONEST
 
     probes = {r["probe"]: r for r in data["probes"]}
