@@ -21,7 +21,7 @@ import numpy as np
 
 from agents.base import EpisodeRecord, Policy, run_episodes
 from deeprec_env.env import DeepRecEnv, EnvConfig, Resources, episode_split, get_resources
-from deeprec_env.trm import weights_digest
+from deeprec_env.trm import weights_digest, weights_line
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
@@ -189,7 +189,7 @@ def trm_line(retriever) -> str:
     trm = getattr(retriever, "trm", None)
     if trm is None:
         return f"{type(retriever).__name__} (no local weights)"
-    return f"weights {weights_digest(trm)} (docs/trm.md: which machines train the same TRM)"
+    return weights_line(weights_digest(trm))
 
 
 def paired_difference(a: dict, b: dict, seed: int = 0, n: int = 2000) -> tuple[float, float, float, int]:

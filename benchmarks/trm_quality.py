@@ -31,6 +31,7 @@ from deeprec_env.trm import (
     train_trm,
     trm_cache_path,
     weights_digest,
+    weights_line,
 )
 
 KS_RECALL, KS_NDCG = (1, 5, 10, 20), (5, 10, 20)
@@ -176,7 +177,7 @@ def main(argv=None) -> None:
         "the JSON file)",
         "text encoder": args.encoder,
         "seed": args.seed,
-        "trm": f"weights {result['trm_digest']} (docs/trm.md: which machines train the same TRM)",
+        "trm": weights_line(result["trm_digest"]),
         "early stopping": "best validation NDCG over the full ranking (no preference), of a moving average "
         f"of the weights (decay {config.ema})",
         "probes": "one preference per test user, as written in each row; 'vs none' = NDCG@10 over NDCG@10 "

@@ -605,6 +605,11 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def weights_line(digest: str) -> str:
+    """The protocol line that names a TRM by its :func:`weights_digest` (and where reproducing one is explained)."""
+    return f"weights {digest} (docs/trm.md: which machines train the same TRM)"
+
+
 def save_trm(model: PreferenceTRM, path: str | os.PathLike, dataset: RecDataset, extra: dict | None = None) -> Path:
     """Write ``path/model.safetensors``, then ``path/config.json`` (dataset fingerprint, weights' SHA-256).
 
