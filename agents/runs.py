@@ -124,6 +124,8 @@ def validation_records(policy, env_kwargs: dict, n_users: int, resources=None, b
     config = EnvConfig(**kwargs)
     resources = resources or get_resources(config)
     n = len(episode_split(config, resources.dataset))
+    if not 1 <= n_users <= n:
+        raise ValueError(f"{n_users} validation users asked; the validation episodes have 1 to {n}")
     saved = getattr(policy, "temperature", None)  # scripted agents have none
     if saved is not None:
         policy.temperature = 0.0

@@ -64,7 +64,18 @@ STEPS = {"coldstart": 0, "rec": 24}
 (64 episodes, 9 hits; git history) moved the validation NDCG@10 by +0.0005: too small a signal."""
 VAL_USERS = 64
 """Fixed validation users, evaluated greedily before and after stage 2 (64: a tighter paired interval than 32, for
-about two minutes per validation)."""
+about two minutes per validation). ``--val-users`` sets another number (ml-100k's evaluation group has 471)."""
+VAL_BATCH = 64
+"""Validation episodes generated together (greedy; more would hold more KV cache than a 24 GiB machine has)."""
+
+
+def validation_file(run: Path, when: str, n_users: int) -> Path:
+    """Cache file of a validation in ``run`` (``when``: ``before`` or ``after``).
+
+    ``val_before.jsonl`` for :data:`VAL_USERS` users, ``val_before_471.jsonl`` for 471: a larger validation of the
+    same checkpoints keeps the first.
+    """
+    return run / (f"val_{when}.jsonl" if n_users == VAL_USERS else f"val_{when}_{n_users}.jsonl")
 
 
 def cache_contents() -> str:
@@ -84,7 +95,7 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     from agents.runs import validation_records
 
     policy = LLMPolicy(str(checkpoint), device=base.device, dtype=base.dtype, max_new_tokens=base.max_new_tokens)
-    recs = validation_records(policy, base.env_kwargs("rec", env_kwargs), n_users, batch_size=n_users)
+    recs = validation_records(policy, base.env_kwargs("rec", env_kwargs), n_users, batch_size=VAL_BATCH)
     rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
              "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward}
             for i, r in enumerate(recs)]  # fmt: skip
@@ -226,7 +237,13 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
     }
     if "trm" in val:  # which TRM (another machine may train another: docs/trm.md)
         protocol["trm"] = val["trm"]
-    if timing:
+    if timing and "extra" in timing:  # the run was timed with validations of another size
+        protocol["wall clock"] = (f"{timing['seconds'] / 60:.1f} min for the run with "
+                                  f"{timing.get('val_users', VAL_USERS)} validation users (warm start, validations, "
+                                  f"stage 2; cache at start: {timing['cache_at_start']}); this command, on the "
+                                  f"finished run folder, added the {timing['extra']['val_users']}-user validations: "
+                                  f"{timing['extra']['seconds'] / 60:.1f} min")  # fmt: skip
+    elif timing:
         protocol["wall clock"] = (f"{timing['seconds'] / 60:.1f} min for this command (warm start, validations, "
                                   f"stage 2; cache at start: {timing['cache_at_start']})")  # fmt: skip
     vcols = ["quantity", "before", "after", "paired difference (95% CI)"]
@@ -269,12 +286,21 @@ def main(argv=None) -> None:
         action="store_true",
         help="the TRM never returns the user's history items (warm start, stage 2 and validation alike)",
     )
+    ap.add_argument(
+        "--val-users",
+        type=int,
+        default=VAL_USERS,
+        help=f"fixed validation users, the first N of the same order (default {VAL_USERS}; ml-100k has 471)",
+    )
     args = ap.parse_args(argv)
+    if args.val_users < 1:
+        ap.error(f"--val-users {args.val_users}; must be >= 1")
     if not args.point_weight >= 0:
         ap.error(f"--point-weight {args.point_weight}; must be >= 0")
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
-    base, warm, steps, n_val = replace(CPU_ARGS, difficulty_top=args.difficulty_top), CPU_WARM, dict(STEPS), VAL_USERS
+    base, warm, steps = replace(CPU_ARGS, difficulty_top=args.difficulty_top), CPU_WARM, dict(STEPS)
+    n_val = args.val_users
     weights = {**STAGES["rec"], "point": args.point_weight}
     env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
     # only the default run makes the bundled adapter
@@ -290,7 +316,7 @@ def main(argv=None) -> None:
         base = replace(base, users_per_step=1, group_size=2, rollout_batch=2, max_new_tokens=8, lora_r=2,
                        dataset="synthetic")  # fmt: skip
         warm = replace(warm, episodes=2, epochs=1, batch=2, lora_r=2)
-        steps, n_val = {"coldstart": 0, "rec": 1}, 3
+        steps, n_val = {"coldstart": 0, "rec": 1}, (3 if n_val == VAL_USERS else n_val)
         env_kwargs["trm"] = TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)
     if args.encoder:
         env_kwargs["encoder"] = args.encoder
@@ -301,10 +327,10 @@ def main(argv=None) -> None:
     warm = replace(warm, **episode_settings(base), model=base.model, device=base.device, dtype=base.dtype,
                    out=str(run / "warmstart"))  # fmt: skip
     warm_ckpt = train_sft(warm, env_kwargs, progress=not args.smoke)
-    before = validation(warm_ckpt, base, env_kwargs, n_val, run / "val_before.jsonl")
+    before = validation(warm_ckpt, base, env_kwargs, n_val, validation_file(run, "before", n_val))
     final = run_curriculum(replace(base, model=str(warm_ckpt)), steps["coldstart"], steps["rec"], env_kwargs,
                            progress=not args.smoke)  # fmt: skip
-    after = validation(final, base, env_kwargs, n_val, run / "val_after.jsonl")
+    after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val))
     val = compare_validation(before, after, base.seed)
     val["scripted"] = scripted_validation(base, env_kwargs, n_val, ("trm-only", warm.teacher))
     val["trm"] = trm_line(get_resources(EnvConfig(**base.env_kwargs("rec", env_kwargs))).retriever)
@@ -318,8 +344,14 @@ def main(argv=None) -> None:
     # finished run only rewrites the results), else none rather than a wrong figure
     timing = json.loads((run / "timing.json").read_text()) if (run / "timing.json").is_file() else None
     if not resumed:
-        timing = {"seconds": time.perf_counter() - t0, "cache_at_start": cache_at_start}
+        timing = {"seconds": time.perf_counter() - t0, "cache_at_start": cache_at_start, "val_users": n_val}
         (run / "timing.json").write_text(json.dumps(timing) + "\n")
+    elif timing is not None and timing.get("val_users", VAL_USERS) != n_val:
+        # validations of another size on a finished run: their time is this invocation's, kept for re-runs
+        extra = run / f"timing_val{n_val}.json"
+        if not extra.is_file():
+            extra.write_text(json.dumps({"seconds": time.perf_counter() - t0, "val_users": n_val}) + "\n")
+        timing = {**timing, "extra": json.loads(extra.read_text())}
     readme = summarize(run, command, base, warm, steps, weights, val, timing, args.mask_history)
     (dest / "README.md").write_text(readme)
     settings = {"stage": asdict(base), "warm_start": asdict(warm), "reward_weights": weights,

@@ -160,7 +160,17 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     text = (other / "README.md").read_text()
     assert "--point-weight 0 --difficulty-top 50 --mask-history" in text and "point 0," in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
-    for bad in (["--point-weight", "-1"], ["--difficulty-top", "0"]):
+    # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said
+    curriculum_cpu.main([*argv0, "--val-users", "2"])
+    val = json.loads((other / "validation.json").read_text())
+    assert val["users"] == len(val["after"]) == 2 and (tmp_path / "run0" / "val_after_2.jsonl").is_file()
+    assert len((tmp_path / "run0" / "val_after_3.jsonl").read_text().splitlines()) == 3
+    assert val["before"] == [json.loads(x) for x in (tmp_path / "run0" / "val_before_2.jsonl").read_text().splitlines()]
+    clock = [x for x in (other / "README.md").read_text().splitlines() if x.startswith("- wall clock: ")]
+    assert len(clock) == 1 and "for the run with 3 validation users" in clock[0] and "added the 2-user" in clock[0]
+    with pytest.raises(ValueError, match="validation users asked; the validation episodes have 1 to"):
+        curriculum_cpu.main([*argv0, "--val-users", "100000"])
+    for bad in (["--point-weight", "-1"], ["--difficulty-top", "0"], ["--val-users", "0"]):
         with pytest.raises(SystemExit):
             curriculum_cpu.main([*argv0, *bad])
 
