@@ -154,7 +154,10 @@ def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict
             mean, lo, hi, n = paired_difference({r["example"]: r[k] for r in kept},
                                                 {r["example"]: r[k] for r in before}, seed)  # fmt: skip
             row["paired difference (95% CI)"] = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] over {n} users"
-    return {"users": len(before), "rows": rows}
+    by_user = {r["example"]: r["ndcg@10"] for r in before}
+    moved = [r["ndcg@10"] - by_user[r["example"]] for r in after if r["example"] in by_user]
+    changed = {"better": sum(d > 0 for d in moved), "worse": sum(d < 0 for d in moved)}
+    return {"users": len(before), "rows": rows, "changed": changed}
 
 
 def weights_text(weights: dict[str, float]) -> str:
@@ -254,6 +257,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"Protocol:\n{protocol_text(protocol)}\n\n"
         f"## Validation before and after stage 2 ({val['users']} fixed users, greedy)\n\n"
         f"{markdown_table(val['rows'], vcols)}\n\n"
+        f"NDCG@10 per user: {val['changed']['better']} better, {val['changed']['worse']} worse, the others "
+        "unchanged.\n\n"
         f"Scripted agents on the same users and episodes:\n\n{markdown_table(val['scripted'], scols)}\n\n"
         f"## Every step\n\n{signal_text(rows, base.users_per_step, base.group_size, weights)}"
         f"{markdown_table(rows, cols)}\n\n![curves](curves.png)\n"

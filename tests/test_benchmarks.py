@@ -125,6 +125,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     val = json.loads((out / "validation.json").read_text())
     assert val["users"] == len(val["before"]) == len(val["after"]) == 3
     assert "over 3 users" in text  # the paired interval
+    changed = val["changed"]
+    assert f"NDCG@10 per user: {changed['better']} better, {changed['worse']} worse" in text
     assert val["trm"].startswith("weights ") and f"- trm: {val['trm']}" in text  # which TRM the run had
     assert "groups (one user's 2 samples each); by component: " in text and "of 2 sampled episodes hit" in text
     assert (out / "curves.png").is_file() and (out / "warmstart.jsonl").is_file()
@@ -185,7 +187,9 @@ def test_curriculum_validation_separates_format_from_ranking():
 
     before = rows([0.0, 0.5, 0.0, 1.0], [1, 0, 1, 0])  # two failed formats (misses)
     after = rows([1.0, 0.5, 0.0, 0.5], [0, 0, 1, 0])  # one fixed and hit; one well-formed user worse
-    val = {r["quantity"]: r for r in compare_validation(before, after, seed=0)["rows"]}
+    compared = compare_validation(before, after, seed=0)
+    assert compared["changed"] == {"better": 1, "worse": 1}  # users 0 and 3; 1 and 2 unchanged
+    val = {r["quantity"]: r for r in compared["rows"]}
     assert val["ndcg@10"]["after"] - val["ndcg@10"]["before"] == pytest.approx(0.125)
     assert val["ndcg@10"]["paired difference (95% CI)"].startswith("+0.1250") and "over 4 users" in val["ndcg@10"][
         "paired difference (95% CI)"]  # fmt: skip
