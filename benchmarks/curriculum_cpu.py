@@ -3,8 +3,8 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight``, ``--difficulty-top`` and ``--mask-history`` make variants (with ``--run`` and ``--out`` of their
-own); only the default settings export the bundled adapter unless ``--export`` says where.
+``--point-weight``, ``--difficulty-top``, ``--lr`` and ``--mask-history`` make variants (with ``--run`` and ``--out``
+of their own); only the default settings export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -286,6 +286,7 @@ def main(argv=None) -> None:
         help="stage 2 trains on users whose target is in the TRM's top-N without a preference "
         f"(default {CPU_ARGS.difficulty_top})",
     )
+    ap.add_argument("--lr", type=float, default=CPU_ARGS.lr, help=f"stage 2's learning rate (default {CPU_ARGS.lr})")
     ap.add_argument(
         "--mask-history",
         action="store_true",
@@ -304,7 +305,9 @@ def main(argv=None) -> None:
         ap.error(f"--point-weight {args.point_weight}; must be >= 0")
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
-    base, warm, steps = replace(CPU_ARGS, difficulty_top=args.difficulty_top), CPU_WARM, dict(STEPS)
+    if not args.lr > 0:
+        ap.error(f"--lr {args.lr}; must be > 0")
+    base, warm, steps = replace(CPU_ARGS, difficulty_top=args.difficulty_top, lr=args.lr), CPU_WARM, dict(STEPS)
     n_val = args.val_users
     weights = {**STAGES["rec"], "point": args.point_weight}
     env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
