@@ -84,6 +84,10 @@ class GRPOArgs(EpisodeSettings):
     """Tokens per generated segment."""
     micro_batch: int = 2
     """Trajectories per forward/backward pass (gradient accumulation over the step)."""
+    share_prefix: bool = False
+    """The loss's forward runs the prompt prefix a micro-batch's rows share (the instructions) once, not once per
+    row (``agents.rollout.token_logprobs``): the same loss and gradients up to float rounding, fewer tokens through
+    the model. Off by default: rounding differences change later samples, and the committed runs predate it."""
     rollout_batch: int = 8
     """Episodes generated in lock step."""
     difficulty_top: int = 100
@@ -195,7 +199,8 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     trajectories between mini-batches. With ``accelerator`` (several processes), gradients are synchronised
     once per optimiser step, on its last micro-batch.
     """
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "share_prefix": args.share_prefix}  # fmt: skip
     reuse = args.ppo_epochs * args.mini_batches > 1
     old = _old_logprobs(model, rollouts, args.micro_batch, pad_id, sampling) if reuse else None
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0, "sampler_gap": 0.0, "tokens": 0}

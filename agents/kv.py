@@ -27,6 +27,47 @@ def _common_prefix(rows: list[list[int]], longest: int) -> int:
     return n
 
 
+def _forward_parameters(model) -> dict:
+    """Parameters of the causal LM's ``forward`` under its wrappers (DDP's ``module``, peft's base model)."""
+    inner = getattr(model, "module", model)
+    return inspect.signature(getattr(inner, "get_base_model", lambda: inner)().forward).parameters
+
+
+def _cache_argument(params: dict) -> str:
+    """The name ``forward`` takes a KV cache by: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Length of the prefix every row of a right-padded batch shares, leaving each row at least one token."""
+    lengths = attention_mask.sum(1)
+    longest = int(lengths.min()) - 1
+    if input_ids.shape[0] < 2 or longest < 1:
+        return 0
+    same = (input_ids[:, :longest] == input_ids[:1, :longest]).all(0)
+    return int(longest if bool(same.all()) else int(same.long().argmin()))
+
+
+def shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: int):
+    """Logits of a right-padded batch whose rows share their first ``shared`` tokens, the prefix run once.
+
+    The prefix goes through the model as a batch of one; its KV cache is repeated for every row and the
+    rest of each row runs on top of it (positions continuing from ``shared``). The values, and the gradients
+    through them, are those of the whole batch in one pass (up to float rounding): the prefix's gradient is
+    the sum of what every row sends back through the repeated cache. Returns ``(head, tail)``: ``(1, shared, V)``
+    logits of the prefix and ``(B, L - shared, V)`` of the rest.
+    """
+    cache_arg = _cache_argument(_forward_parameters(model))
+    head = model(input_ids=input_ids[:1, :shared], use_cache=True)
+    cache = getattr(head, "cache", None)
+    cache = cache if cache is not None else head.past_key_values
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    tail = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions,
+                 use_cache=True, **{cache_arg: cache})  # fmt: skip
+    return head.logits, tail.logits
+
+
 class KVBatch:
     """Episodes (rows) generating in lock step over one batched KV cache.
 
@@ -45,9 +86,8 @@ class KVBatch:
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
         self.cache = DynamicCache()
-        forward = getattr(model, "get_base_model", lambda: model)().forward
-        params = inspect.signature(forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        params = _forward_parameters(model)
+        self._cache_arg = _cache_argument(params)
         # only the last column's logits are needed: a prompt's other rows would cost a vocabulary projection each
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)

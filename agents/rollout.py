@@ -146,15 +146,33 @@ def token_logprobs(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """Log-probability of every token given its prefix, ``(B, L)``; position 0 gets 0.
 
     With ``temperature``/``top_k``/``top_p``: under the sampling distribution (:func:`sampling_logits`).
+    With ``share_prefix``, the tokens every row starts with (a prompt's instructions) go through the model
+    once, not once per row (:func:`agents.kv.shared_prefix_logits`; the same values and gradients up to float
+    rounding); shorter than :attr:`agents.kv.KVBatch.MIN_SHARED` tokens, the batch runs as one.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if (temperature, top_k, top_p) != (1.0, 0, 1.0):
-        logits = sampling_logits(logits, temperature, top_k, top_p)
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+    def logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if (temperature, top_k, top_p) != (1.0, 0, 1.0):
+            logits = sampling_logits(logits, temperature, top_k, top_p)
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    from agents.kv import KVBatch, shared_prefix_length, shared_prefix_logits
+
+    shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
+    if shared < KVBatch.MIN_SHARED:
+        lp = logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:])
+    else:
+        head, tail = shared_prefix_logits(model, input_ids, attention_mask, shared)
+        rows = input_ids.shape[0]
+        inside = logprobs(head[:, :-1], input_ids[:1, 1:shared]).expand(rows, -1)  # the prefix's own tokens
+        after = logprobs(torch.cat([head[:, -1:].expand(rows, -1, -1), tail[:, :-1]], dim=1), input_ids[:, shared:])
+        lp = torch.cat([inside, after], dim=1)
     return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
 
 

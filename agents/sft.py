@@ -48,6 +48,8 @@ class SFTArgs(EpisodeSettings):
     """Demonstrations per optimiser step."""
     micro_batch: int = 1
     """Demonstrations per forward/backward pass."""
+    share_prefix: bool = False
+    """Run the prompt prefix a micro-batch's demonstrations share once (as ``GRPOArgs.share_prefix``)."""
     lr: float = 5e-5
     """Adam learning rate (LoRA wants a larger one than full fine-tuning, e.g. 1e-3)."""
     lora_r: int = 0
@@ -146,9 +148,12 @@ def demonstrations(teacher: Policy, tokenizer, env_kwargs: dict, users: list[int
     return trajs, recs
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean token cross-entropy on policy tokens (``loss_mask`` 1); returns ``(loss, n_tokens)``."""
-    lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+def sft_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = False) -> tuple[torch.Tensor, int]:
+    """Mean token cross-entropy on policy tokens (``loss_mask`` 1); returns ``(loss, n_tokens)``.
+
+    ``share_prefix``: the rows' common prompt prefix runs once (:func:`agents.rollout.token_logprobs`).
+    """
+    lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], share_prefix=share_prefix)
     mask = batch["loss_mask"]
     n = int(mask.sum())
     return -(lp * mask).sum() / max(n, 1), n
@@ -214,7 +219,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
             for m in range(0, len(chunk), args.micro_batch):
                 padded = pad_batch(chunk[m : m + args.micro_batch], tok.pad_token_id)
                 batch = {k: v.to(device) for k, v in padded.items()}
-                loss, n = sft_loss(model, batch)
+                loss, n = sft_loss(model, batch, args.share_prefix)
                 (loss * (n / max(total, 1))).backward()  # token mean over the whole step
                 loss_sum += float(loss.detach()) * n
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))

@@ -30,11 +30,12 @@ SECTIONS = [
     ("retrieval_speed", "python -m benchmarks.retrieval_speed"),
     ("env_speed", "python -m benchmarks.env_speed"),
     ("llm_speed", "python -m benchmarks.llm_speed"),
+    ("update_speed", "python -m benchmarks.update_speed"),
     ("fuzz", "python -m benchmarks.fuzz"),
     ("openenv_load", "python -m benchmarks.openenv_load"),
     ("trl_grpo", "python -m benchmarks.trl_grpo   # runs examples/trl_grpo.py"),
 ]
-TIMED = ("retrieval_speed", "env_speed", "llm_speed", "openenv_load")
+TIMED = ("retrieval_speed", "env_speed", "llm_speed", "update_speed", "openenv_load")
 """Sections whose every figure is a time or a rate: only their layout is deterministic."""
 _TIME_COLUMN = re.compile(r"(seconds|_s$|\bs/|/s\b|_ms|\bms\b|wall|time)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d[\d,]*(\.\d+)?")

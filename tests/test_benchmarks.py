@@ -317,3 +317,19 @@ def test_curriculum_signal_text_counts_groups_by_component():
     assert "2 of 16 sampled episodes hit" in text
     assert "by component: hit 1." in signal_text(rows, 2, 4, {**weights, "point": 0.0})  # weight 0 moves nothing
     assert signal_text([{"reward_hit": 0.0}], 2, 4, weights) == ""  # a log from before signal_groups
+
+
+def test_update_speed_smoke(tmp_path, tiny_lm_path, tiny_encoder_path):
+    from benchmarks import update_speed
+
+    update_speed.main(["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--episodes",
+                       "3", "--micro-batches", "1,3", "--lora-r", "2", "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "update_speed_smoke.json").read_text())["rows"]
+    assert [(r["micro-batch"], r["forward"]) for r in rows] == [(1, "whole rows"), (1, "prefix once"),
+                                                               (3, "whole rows"), (3, "prefix once")]  # fmt: skip
+    plain, shared = rows[2:]
+    assert shared["tokens through the model"] < plain["tokens through the model"]  # the instructions ran once
+    assert rows[0]["tokens through the model"] == rows[1]["tokens through the model"]  # one row: nothing to share
+    assert float(shared["max |log-prob gap|"]) < 1e-4 and float(shared["grad norm gap"]) < 1e-4
+    with pytest.raises(SystemExit):
+        update_speed.main(["--micro-batches", "two"])

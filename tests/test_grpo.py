@@ -173,7 +173,7 @@ def test_lora_trains_the_adapter_only_and_resumes(tmp_path, tiny_lm_path, env_kw
 
 
 DDP_JOB = """
-import hashlib, json, sys
+import hashlib, json, os, sys
 import numpy as np
 import agents.grpo as grpo
 from agents.grpo import GRPOArgs, train
@@ -193,8 +193,9 @@ def spy(path, model, tok, opt, step, args, accelerator=None, **kw):  # each proc
 
 
 grpo.save_checkpoint = spy
-args = GRPOArgs(model=lm, steps=1, users_per_step=2, group_size=2, max_new_tokens=6, micro_batch=1,
-                rollout_batch=2, val_users=0, out=out, lr=1e-3, temperature=1.5)
+share = os.environ.get("SHARE_PREFIX") == "1"  # micro-batches of a process's 2 rollouts, prompt prefix run once
+args = GRPOArgs(model=lm, steps=1, users_per_step=2, group_size=2, max_new_tokens=6, micro_batch=2 if share else 1,
+                rollout_batch=2, val_users=0, out=out, lr=1e-3, temperature=1.5, share_prefix=share)
 train(args, dict(dataset="synthetic", encoder=enc, trm=TRMConfig(**json.loads(trm))), progress=False)
 with open(f"{out}/initial.txt", "w") as f:
     f.write(digest(load_causal_lm(lm)[0]))
@@ -224,10 +225,15 @@ def _torchrun(out, tiny_lm_path, tiny_encoder_path, port: int, **env_extra) -> l
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun(tmp_path, tiny_lm_path, tiny_encoder_path, resources):
-    """The DDP path for real: two CPU processes (gloo), rewards gathered, gradients averaged."""
+@pytest.mark.parametrize("share", ["0", "1"])
+def test_two_processes_under_torchrun(tmp_path, tiny_lm_path, tiny_encoder_path, resources, share):
+    """The DDP path for real: two CPU processes (gloo), rewards gathered, gradients averaged.
+
+    With ``share_prefix`` the model runs twice (prefix, then rows) before each backward: DDP must still
+    average every gradient once.
+    """
     out = tmp_path / "run"
-    log = _torchrun(out, tiny_lm_path, tiny_encoder_path, 29517)
+    log = _torchrun(out, tiny_lm_path, tiny_encoder_path, 29517 + int(share), SHARE_PREFIX=share)
     assert len(log) == 1 and log[0]["processes"] == 2 and log[0]["grad_norm"] > 0
     # both users' groups were rolled out (one per process) and counted in the gathered statistics
     assert log[0]["policy_tokens"] > 0

@@ -72,3 +72,61 @@ def test_shared_prompt_prefix_runs_once(lm):
         for r, ids in enumerate(rows):
             alone = model(input_ids=torch.tensor([ids])).logits[0, -1]
             assert torch.allclose(logits[r], alone, atol=1e-4)
+
+
+def _grads(model, lp, mask):
+    model.zero_grad(set_to_none=True)
+    (lp * mask).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 5}])
+def test_shared_prefix_log_probs_and_gradients_match_the_full_batch(tiny_lm_path, sampling):
+    """The training forward with the prompt prefix run once: same log-probs and gradients as the whole batch."""
+    from agents.kv import KVBatch
+    from agents.llm import Trajectory, add_lora
+    from agents.rollout import pad_batch, token_logprobs
+
+    model, tok = load_causal_lm(str(tiny_lm_path))
+    model = add_lora(model, r=2)
+    prefix = list(range(5, 5 + KVBatch.MIN_SHARED + 4))
+    trajs = []
+    for tail in ([40, 41, 42, 43], [44], [45, 46]):  # right-padded to different lengths
+        t = Trajectory()
+        t.extend(prefix, policy=False)
+        t.extend(tail, policy=True)
+        trajs.append(t)
+    batch = pad_batch(trajs, tok.pad_token_id)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        shared = token_logprobs(model, batch["input_ids"], batch["attention_mask"], share_prefix=True, **sampling)
+    finally:
+        hook.remove()
+    assert shapes == [(1, len(prefix)), (3, 4)]  # the prefix ran once
+    full = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(shared[real], full[real], atol=1e-5)
+    assert (shared[:, len(prefix) :][real[:, len(prefix) :]] < 0).all()  # the rows' own tokens have log-probs
+    a, b = _grads(model, shared, batch["loss_mask"]), _grads(model, full, batch["loss_mask"])
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_shared_prefix_falls_back_when_rows_differ_early(lm):
+    """No shared prefix worth a pass of its own (or one row): the batch runs in one forward."""
+    from agents.kv import shared_prefix_length
+    from agents.rollout import token_logprobs
+
+    model, _ = lm
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert shared_prefix_length(ids, mask) == 2
+    assert shared_prefix_length(ids[:1], mask[:1]) == 0
+    assert shared_prefix_length(torch.tensor([[5, 6], [5, 6]]), torch.ones(2, 2, dtype=torch.long)) == 1  # keeps one
+    with torch.no_grad():
+        a = token_logprobs(model, ids, mask, share_prefix=True)
+        b = token_logprobs(model, ids, mask)
+    assert torch.equal(a, b)

@@ -108,3 +108,28 @@ def test_sampling_settings_are_checked():
         GRPOArgs(temperature=0.0)
     with pytest.raises(ValueError, match="mini_batches=0"):
         GRPOArgs(mini_batches=0)
+
+
+def test_shared_prefix_training_step_equals_the_plain_one(lm, make_env, tiny_lm_path):
+    """``share_prefix``: the prompt's common instructions run once per micro-batch; the update is the same."""
+    model, tok = lm
+    rollouts = _rollouts(lm, make_env)
+    adv = np.array([1.0, -1.0, 0.5, -0.5])
+    other, _ = load_causal_lm(str(tiny_lm_path))
+    other.load_state_dict(model.state_dict())
+    args = _args(mini_batches=2, ppo_epochs=2)
+    plain = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts, adv, args, tok.pad_token_id,
+                       rng=np.random.default_rng(0))  # fmt: skip
+    rows = []
+    hook = other.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        sgd = torch.optim.SGD(other.parameters(), lr=0.1)
+        shared = train_step(other, sgd, rollouts, adv, replace(args, share_prefix=True), tok.pad_token_id,
+                            rng=np.random.default_rng(0))  # fmt: skip
+    finally:
+        hook.remove()
+    assert rows.count(1) == len(rows) // 2 > 0  # every micro-batch of 2: its shared prefix as a batch of one first
+    for key in ("loss", "grad_norm", "clip_fraction", "sampler_gap"):
+        assert plain[key] == pytest.approx(shared[key], rel=1e-4, abs=1e-6), key
+    for (name, a), b in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name

@@ -31,6 +31,23 @@ def test_recorded_mask_covers_exactly_the_agent_segments(tiny_lm_path, env_kwarg
         assert all(x.lstrip().startswith("<|begin_of_item_list|>") for x in env_runs)
 
 
+def test_sft_loss_with_the_shared_prompt_prefix_run_once(tiny_lm_path, env_kwargs, resources):
+    import torch
+
+    from agents.llm import load_causal_lm
+    from agents.rollout import pad_batch
+    from agents.sft import sft_loss
+
+    model, tok = load_causal_lm(str(tiny_lm_path))
+    kwargs = {**env_kwargs, "prompt": "chat", "split": "train", "stage": "rec"}
+    trajs, _ = demonstrations(make_teacher(SFTArgs()), tok, kwargs, [0, 1, 2])
+    batch = pad_batch(trajs, tok.pad_token_id)
+    with torch.no_grad():
+        plain, n = sft_loss(model, batch)
+        shared, m = sft_loss(model, batch, share_prefix=True)
+    assert n == m > 0 and float(shared) == pytest.approx(float(plain), rel=1e-5)
+
+
 def test_teacher_draws_its_call_counts(tiny_lm_path, env_kwargs, resources):
     tok = _tok(tiny_lm_path)
     kwargs = {**env_kwargs, "prompt": "chat", "split": "train", "stage": "rec"}
