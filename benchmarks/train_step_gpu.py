@@ -9,6 +9,7 @@ episodes are short: the projection is a lower bound on rollout time and exact fo
     python -m benchmarks.train_step_gpu --device cuda --dtype bfloat16              # every shape, full + LoRA
     python -m benchmarks.train_step_gpu --shapes 135m --modes full --tokenizer DIR  # a folder of tokenizer files
     python -m benchmarks.train_step_gpu --smoke                                     # tiny shapes on the CPU
+    python -m benchmarks.train_step_gpu --share-prefix ...   # the update runs the shared prompt prefix once
 
 Not run on a GPU by the session that wrote it (none was lent): its figures are still to be measured.
 """
@@ -63,7 +64,8 @@ def one_step(shape: str, mode: str, tokenizer, args, env_kwargs: dict) -> dict:
 
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM"))
     gargs = GRPOArgs(users_per_step=args.users, group_size=args.group_size, micro_batch=args.micro_batch,
-                     max_new_tokens=args.max_new_tokens, mini_batches=2, prompt="chat")  # fmt: skip
+                     max_new_tokens=args.max_new_tokens, mini_batches=2, prompt="chat",
+                     share_prefix=args.share_prefix)  # fmt: skip
     env_kwargs = gargs.env_kwargs("rec", env_kwargs)
     resources = get_resources(EnvConfig(**env_kwargs))
     envs = [DeepRecEnv(resources=resources, **env_kwargs) for _ in range(args.users * args.group_size)]
@@ -115,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--share-prefix", action="store_true", help="the update runs the shared prompt prefix once")
     ap.add_argument("--tokenizer", default="smollm2", help="'smollm2' (embedded) or a folder of tokenizer files")
     ap.add_argument("--encoder", default="minilm", help="the environment's text encoder")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (seconds)")
@@ -140,7 +143,8 @@ def main(argv=None) -> None:
         "models": "random weights at the listed shapes (Llama blocks), tokenizer " + args.tokenizer,
         "device": f"{args.device}, {args.dtype}",
         "step": f"{args.users} users x {args.group_size} samples, rollouts with the KV cache, then two optimiser "
-        f"steps (mini_batches=2), micro-batch {args.micro_batch}, {args.max_new_tokens} new tokens per segment",
+        f"steps (mini_batches=2), micro-batch {args.micro_batch}, {args.max_new_tokens} new tokens per segment"
+        + (", the shared prompt prefix run once in the update (share_prefix)" if args.share_prefix else ""),
         "env": "DeepRec-v0 stage rec, chat prompt, " + ("synthetic (smoke)" if args.smoke else "ml-100k"),
         "projection": "measured seconds per episode x 1,024 episodes x 100 steps (random weights end episodes "
         "early: a lower bound on rollouts)",

@@ -219,6 +219,9 @@ def test_train_step_gpu_smoke(tmp_path, tiny_encoder_path, tiny_lm_path):
     rows = json.loads((tmp_path / "train_step_gpu_smoke.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["full", "LoRA r=16"]
     assert all(r["episodes/step"] == 4 and r["step s"] > 0 and r["policy tokens"] > 0 for r in rows)
+    train_step_gpu.main(["--smoke", "--modes", "lora", "--share-prefix", "--encoder", str(tiny_encoder_path),
+                         "--tokenizer", str(tiny_lm_path), "--out", str(tmp_path)])  # fmt: skip
+    assert "share_prefix" in (tmp_path / "train_step_gpu_smoke.md").read_text()
 
 
 def test_trl_grpo_formats_a_run_log(tmp_path, capsys):
