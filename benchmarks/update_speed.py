@@ -76,7 +76,7 @@ def measure(model, tokenizer, env_kwargs: dict, users: list[int], micro_batches:
                          "seconds per pass": seconds, "s/episode": seconds / len(trajectories),
                          "grad norm": grad_norm})  # fmt: skip
         rows[-1]["speed-up"] = f"{plain[0] / shared[0]:.2f}x"
-        rows[-1]["max |log-prob gap|"] = f"{gap:.1e}"
+        rows[-1]["max log-prob gap"] = f"{gap:.1e}"
         rows[-1]["grad norm gap"] = f"{abs(plain[3] - shared[3]) / max(plain[3], 1e-12):.1e}"
         print(rows[-2], rows[-1], sep="\n", flush=True)
     return rows
