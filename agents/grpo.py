@@ -84,6 +84,11 @@ class GRPOArgs(EpisodeSettings):
     """Tokens per generated segment."""
     micro_batch: int = 2
     """Trajectories per forward/backward pass (gradient accumulation over the step)."""
+    micro_batch_tokens: int = 0
+    """At most this many token positions (rows x the longest row) in one forward/backward pass of the update: a
+    micro-batch above it is cut into smaller ones, down to one trajectory (0: no bound). Bounds the update's memory
+    when some episodes are long (many calls); the gradient is the same sum, only its float rounding changes. Not
+    with DeepSpeed, whose accumulation count is fixed."""
     share_prefix: bool = False
     """The loss's forward runs the prompt prefix a micro-batch's rows share (the instructions) once, not once per
     row (``agents.rollout.token_logprobs``): the same loss and gradients up to float rounding, fewer tokens through
@@ -120,6 +125,8 @@ class GRPOArgs(EpisodeSettings):
                      "mini_batches", "ppo_epochs"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens}; must be >= 0 (0: no bound)")
         if self.whiten not in ("divide", "multiply", "none"):
             raise ValueError(f"whiten={self.whiten!r}; must be 'divide', 'multiply' or 'none'")
         if self.users not in ("first-half", "second-half", "all"):
@@ -202,7 +209,7 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "share_prefix": args.share_prefix}  # fmt: skip
     reuse = args.ppo_epochs * args.mini_batches > 1
-    old = _old_logprobs(model, rollouts, args.micro_batch, pad_id, sampling) if reuse else None
+    old = _old_logprobs(model, rollouts, args, pad_id, sampling) if reuse else None
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0, "sampler_gap": 0.0, "tokens": 0}
     n_updates = 0
     for _ in range(args.ppo_epochs):
@@ -225,13 +232,36 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     }
 
 
+def micro_batches(lengths: list[int], size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Positions ``0..n-1``, in order, cut into the update's forward/backward passes.
+
+    At most ``size`` rows per pass, and a padded size (rows x the longest of their ``lengths``) of at most
+    ``max_tokens`` (0: no bound); a row longer than the bound runs alone.
+    """
+    out: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if out and len(out[-1]) < size:
+            widest = max(n, *(lengths[j] for j in out[-1]))
+            if not max_tokens or (len(out[-1]) + 1) * widest <= max_tokens:
+                out[-1].append(i)
+                continue
+        out.append([i])
+    return out
+
+
+def _micro_parts(rollouts: list[Rollout], idx: list[int], args: GRPOArgs) -> list[list[int]]:
+    """The trajectories ``idx`` as the update's forward/backward passes (:func:`micro_batches`)."""
+    lengths = [len(rollouts[i].trajectory.ids) for i in idx]
+    return [[idx[j] for j in g] for g in micro_batches(lengths, args.micro_batch, args.micro_batch_tokens)]
+
+
 @torch.no_grad()
-def _old_logprobs(model, rollouts: list[Rollout], micro_batch: int, pad_id: int, sampling: dict) -> list[torch.Tensor]:
+def _old_logprobs(model, rollouts: list[Rollout], args: GRPOArgs, pad_id: int, sampling: dict) -> list[torch.Tensor]:
     """Per trajectory, the log-probs of its tokens under the current (sampling) policy, before any update."""
     device = next(model.parameters()).device
     out = []
-    for s in range(0, len(rollouts), micro_batch):
-        chunk = rollouts[s : s + micro_batch]
+    for part in _micro_parts(rollouts, list(range(len(rollouts))), args):
+        chunk = [rollouts[i] for i in part]
         batch = {k: v.to(device) for k, v in pad_batch([r.trajectory for r in chunk], pad_id).items()}
         lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
         out.extend(lp[j, : len(r.trajectory.ids)].detach() for j, r in enumerate(chunk))
@@ -248,21 +278,23 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
     optimizer.zero_grad(set_to_none=True)
     chosen = [rollouts[i] for i in idx]
     n_tokens = sum(sum(r.trajectory.policy_mask) for r in chosen)
-    starts = list(range(0, len(idx), args.micro_batch))
+    parts = _micro_parts(rollouts, idx, args)
     # DeepSpeed accumulates over its configured number of micro-batches (``train`` sets it to this
     # optimiser step's) and divides each loss by it; scale back so the gradient is the same as elsewhere.
     ds_scale = 1.0
     deepspeed = _deepspeed(accelerator)
     if deepspeed:
         gas = accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
-        if gas != len(starts):
-            raise RuntimeError(f"{len(starts)} micro-batches this optimiser step, DeepSpeed accumulates {gas}")
+        if gas != len(parts):
+            raise RuntimeError(
+                f"{len(parts)} micro-batches this optimiser step, DeepSpeed accumulates {gas}"
+                + (" (micro_batch_tokens cut some: not with DeepSpeed)" if args.micro_batch_tokens else "")
+            )
         ds_scale = float(gas)
-    for s in starts:
-        part = idx[s : s + args.micro_batch]
+    for n, part in enumerate(parts):
         trajs = [rollouts[i].trajectory for i in part]
         batch = {k: v.to(device) for k, v in pad_batch(trajs, pad_id).items()}
-        sync = accelerator is None or s == starts[-1]
+        sync = accelerator is None or n == len(parts) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
             if old is None:

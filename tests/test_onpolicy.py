@@ -5,6 +5,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agents.grpo import GRPOArgs, _old_logprobs, train_step
 from agents.llm import LLMPolicy, load_causal_lm
@@ -31,8 +33,8 @@ def _rollouts(lm, make_env, temperature=1.0, top_k=0, top_p=1.0, users=2, group=
 def test_recorded_logprobs_are_those_of_the_sampling_distribution(lm, make_env, temperature, top_k, top_p):
     model, tok = lm
     rollouts = _rollouts(lm, make_env, temperature, top_k, top_p)
-    old = _old_logprobs(model, rollouts, 2, tok.pad_token_id, {"temperature": temperature, "top_k": top_k,
-                                                              "top_p": top_p})  # fmt: skip
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    old = _old_logprobs(model, rollouts, GRPOArgs(micro_batch=2), tok.pad_token_id, sampling)
     n = 0
     for r, lp in zip(rollouts, old, strict=True):
         t = r.trajectory
@@ -79,7 +81,9 @@ def test_one_update_equals_the_detached_old_logprob_update(lm, make_env, tiny_lm
     train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts, adv, _args(), tok.pad_token_id)
     # the same update with old log-probs precomputed (the multi-update path), forced on a single update
     args = _args(mini_batches=2)
-    old = _old_logprobs(other, rollouts, 2, tok.pad_token_id, {"temperature": 1.0, "top_k": 0, "top_p": 1.0})
+    old = _old_logprobs(
+        other, rollouts, GRPOArgs(micro_batch=2), tok.pad_token_id, {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    )
     import agents.grpo as grpo
 
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0, "sampler_gap": 0.0, "tokens": 0}
@@ -133,3 +137,44 @@ def test_shared_prefix_training_step_equals_the_plain_one(lm, make_env, tiny_lm_
         assert plain[key] == pytest.approx(shared[key], rel=1e-4, abs=1e-6), key
     for (name, a), b in zip(model.named_parameters(), other.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+@given(lengths=st.lists(st.integers(1, 50), min_size=0, max_size=12), size=st.integers(1, 5),
+       max_tokens=st.integers(0, 120))  # fmt: skip
+def test_micro_batches_keep_order_size_and_token_bound(lengths, size, max_tokens):
+    from agents.grpo import micro_batches
+
+    parts = micro_batches(lengths, size, max_tokens)
+    assert [i for p in parts for i in p] == list(range(len(lengths)))  # every trajectory once, in order
+    for p in parts:
+        assert 1 <= len(p) <= size
+        if len(p) > 1 and max_tokens:
+            assert len(p) * max(lengths[i] for i in p) <= max_tokens
+    if not max_tokens:  # no bound: today's fixed-size chunks
+        assert parts == [list(range(s, min(s + size, len(lengths)))) for s in range(0, len(lengths), size)]
+
+
+def test_token_bound_cuts_passes_and_keeps_the_update(lm, make_env, tiny_lm_path):
+    """``micro_batch_tokens``: smaller forward/backward passes, the same optimiser step."""
+    model, tok = lm
+    rollouts = _rollouts(lm, make_env)
+    adv = np.array([1.0, -1.0, 0.5, -0.5])
+    other, _ = load_causal_lm(str(tiny_lm_path))
+    other.load_state_dict(model.state_dict())
+    args = replace(_args(mini_batches=2, ppo_epochs=2), micro_batch=4)
+    train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts, adv, args, tok.pad_token_id,
+               rng=np.random.default_rng(0))  # fmt: skip
+    bound = max(len(r.trajectory.ids) for r in rollouts)  # one trajectory per pass
+    sizes = []
+    hook = other.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].numel()), with_kwargs=True)
+    try:
+        sgd = torch.optim.SGD(other.parameters(), lr=0.1)
+        train_step(other, sgd, rollouts, adv, replace(args, micro_batch_tokens=bound), tok.pad_token_id,
+                   rng=np.random.default_rng(0))  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(sizes) == 4 * 3 and max(sizes) <= bound  # old log-probs (4 passes) + 2 x 2 updates of 2 passes each
+    for (name, a), b in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+    with pytest.raises(ValueError, match="micro_batch_tokens=-1"):
+        GRPOArgs(micro_batch_tokens=-1)
