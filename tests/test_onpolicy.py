@@ -57,6 +57,14 @@ def _batch(r, tok):
     return b["input_ids"], b["attention_mask"]
 
 
+def _twin(lm, make_env, tiny_lm_path):
+    """``(model, tok, other, rollouts, advantages)``: ``other`` a second copy of the model with the same weights."""
+    model, tok = lm
+    other, _ = load_causal_lm(str(tiny_lm_path))
+    other.load_state_dict(model.state_dict())
+    return model, tok, other, _rollouts(lm, make_env), np.array([1.0, -1.0, 0.5, -0.5])
+
+
 def _args(**kw):
     return GRPOArgs(micro_batch=2, lr=5e-2, temperature=1.0, **kw)
 
@@ -73,11 +81,7 @@ def test_one_update_per_batch_has_ratio_one_and_no_clipping(lm, make_env):
 
 def test_one_update_equals_the_detached_old_logprob_update(lm, make_env, tiny_lm_path):
     """mini_batches=1, ppo_epochs=1 is the plain policy gradient; precomputed old log-probs give the same step."""
-    model, tok = lm
-    rollouts = _rollouts(lm, make_env)
-    adv = np.array([1.0, -1.0, 0.5, -0.5])
-    other, _ = load_causal_lm(str(tiny_lm_path))
-    other.load_state_dict(model.state_dict())
+    model, tok, other, rollouts, adv = _twin(lm, make_env, tiny_lm_path)
     train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts, adv, _args(), tok.pad_token_id)
     # the same update with old log-probs precomputed (the multi-update path), forced on a single update
     args = _args(mini_batches=2)
@@ -116,11 +120,7 @@ def test_sampling_settings_are_checked():
 
 def test_shared_prefix_training_step_equals_the_plain_one(lm, make_env, tiny_lm_path):
     """``share_prefix``: the prompt's common instructions run once per micro-batch; the update is the same."""
-    model, tok = lm
-    rollouts = _rollouts(lm, make_env)
-    adv = np.array([1.0, -1.0, 0.5, -0.5])
-    other, _ = load_causal_lm(str(tiny_lm_path))
-    other.load_state_dict(model.state_dict())
+    model, tok, other, rollouts, adv = _twin(lm, make_env, tiny_lm_path)
     args = _args(mini_batches=2, ppo_epochs=2)
     plain = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts, adv, args, tok.pad_token_id,
                        rng=np.random.default_rng(0))  # fmt: skip
@@ -156,11 +156,7 @@ def test_micro_batches_keep_order_size_and_token_bound(lengths, size, max_tokens
 
 def test_token_bound_cuts_passes_and_keeps_the_update(lm, make_env, tiny_lm_path):
     """``micro_batch_tokens``: smaller forward/backward passes, the same optimiser step."""
-    model, tok = lm
-    rollouts = _rollouts(lm, make_env)
-    adv = np.array([1.0, -1.0, 0.5, -0.5])
-    other, _ = load_causal_lm(str(tiny_lm_path))
-    other.load_state_dict(model.state_dict())
+    model, tok, other, rollouts, adv = _twin(lm, make_env, tiny_lm_path)
     args = replace(_args(mini_batches=2, ppo_epochs=2), micro_batch=4)
     train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts, adv, args, tok.pad_token_id,
                rng=np.random.default_rng(0))  # fmt: skip
