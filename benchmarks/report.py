@@ -31,6 +31,7 @@ SECTIONS = [
     ("env_speed", "python -m benchmarks.env_speed"),
     ("llm_speed", "python -m benchmarks.llm_speed"),
     ("update_speed", "python -m benchmarks.update_speed"),
+    ("update_memory", "python -m benchmarks.update_memory"),
     ("fuzz", "python -m benchmarks.fuzz"),
     ("openenv_load", "python -m benchmarks.openenv_load"),
     ("trl_grpo", "python -m benchmarks.trl_grpo   # runs examples/trl_grpo.py"),

@@ -336,3 +336,16 @@ def test_update_speed_smoke(tmp_path, tiny_lm_path, tiny_encoder_path):
     assert float(shared["max log-prob gap"]) < 1e-4 and float(shared["grad norm gap"]) < 1e-4
     with pytest.raises(SystemExit):
         update_speed.main(["--micro-batches", "two"])
+
+
+def test_update_memory_smoke(tmp_path, tiny_lm_path):
+    from benchmarks import update_memory
+
+    update_memory.main(["--smoke", "--model", str(tiny_lm_path), "--lora-r", "2", "--shapes", "1x16,2x32",
+                        "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "update_memory_smoke.json").read_text())["rows"]
+    assert [(r["rows"], r["positions"]) for r in rows] == [(1, 16), (2, 64)]
+    assert all(r["GB peak"] >= r["GB after loading"] > 0 for r in rows)
+    for bad in ("2by3", "0x10", "1x1", ""):
+        with pytest.raises(SystemExit):
+            update_memory.main(["--shapes", bad])

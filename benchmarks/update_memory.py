@@ -1,0 +1,103 @@
+"""Policy-update memory: the peak resident memory of one forward + backward pass, by rows x tokens.
+
+Each shape runs in a fresh process (the peak of a process only grows): the model is loaded, its resident memory
+read, then one pass of the loss's forward and backward (``agents.rollout.token_logprobs`` at the CPU run's
+sampling temperature) runs on random token ids of that shape. What it tells: how many token positions one pass
+of the update may hold on a machine, the number to give ``GRPOArgs.micro_batch_tokens``.
+
+    python -m benchmarks.update_memory                               # SmolLM2-135M + LoRA r=8, CPU
+    python -m benchmarks.update_memory --shapes 2x1100,1x4400 --lora-r 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+
+from benchmarks.common import markdown_table, publish
+
+
+def _rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _one(model_name: str, lora_r: int, rows: int, tokens: int, temperature: float, queue) -> None:
+    import torch
+
+    from agents.llm import add_lora, load_causal_lm
+    from agents.rollout import token_logprobs
+
+    model, tok = load_causal_lm(model_name, trainable_adapter=True)
+    if lora_r:
+        model = add_lora(model, lora_r)
+    model.train()
+    loaded = _rss_gb()
+    ids = torch.randint(0, len(tok), (rows, tokens), generator=torch.Generator().manual_seed(0))
+    lp = token_logprobs(model, ids, torch.ones_like(ids), temperature=temperature)
+    lp.sum().backward()
+    queue.put((loaded, _rss_gb()))
+
+
+def measure(model: str, lora_r: int, shapes: list[tuple[int, int]], temperature: float = 0.7) -> list[dict]:
+    """One row per ``(rows, tokens)`` shape: resident memory after loading and at the pass's peak."""
+    ctx = mp.get_context("spawn")  # a fresh process per shape, torch's threads not inherited
+    out = []
+    for rows, tokens in shapes:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_one, args=(model, lora_r, rows, tokens, temperature, queue))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"the {rows}x{tokens} pass failed (exit code {proc.exitcode}; killed for memory?)")
+        loaded, peak = queue.get()
+        out.append({"rows": rows, "tokens": tokens, "positions": rows * tokens, "GB after loading": loaded,
+                    "GB peak": peak, "GB per 1,000 positions": (peak - loaded) / (rows * tokens) * 1000})  # fmt: skip
+        print(out[-1], flush=True)
+    return out
+
+
+def _shape(text: str) -> tuple[int, int]:
+    rows, _, tokens = text.partition("x")
+    try:
+        shape = int(rows), int(tokens)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}; a shape is ROWSxTOKENS, e.g. 2x1100") from None
+    if min(shape) < 1 or shape[1] < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}; needs >= 1 row and >= 2 tokens")
+    return shape
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (0: full fine-tuning)")
+    ap.add_argument("--shapes", default="2x1100,2x2200,1x4400", help="ROWSxTOKENS passes, comma-separated")
+    ap.add_argument("--smoke", action="store_true", help="label the results a smoke run (pass a tiny --model)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    try:
+        shapes = [_shape(s) for s in args.shapes.split(",")] if args.shapes else []
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--shapes: {e}")
+    if not shapes or args.lora_r < 0:
+        ap.error("--shapes needs at least one ROWSxTOKENS; --lora-r must be >= 0")
+    rows = measure(args.model, args.lora_r, shapes)
+    protocol = {
+        "model": args.model + (f" + LoRA r={args.lora_r} on every linear layer" if args.lora_r else ", full"),
+        "device": "cpu, float32",
+        "pass": "one forward + backward of the token log-probs (temperature 0.7, every position, as the update's "
+        "loss) on random token ids of each shape, no padding, share_prefix off",
+        "memory": "peak resident set size of a fresh process per shape (ru_maxrss), after loading the model and "
+        "after the pass; per 1,000 positions = (peak - after loading) / positions",
+        "load": f"1-minute load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
+    }
+    columns = list(rows[0])
+    publish("update_memory", "Policy-update memory per pass", markdown_table(rows, columns, fmt="{:.2f}"), protocol,
+            {"rows": rows}, args.smoke, args.out)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
