@@ -286,10 +286,7 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
     if deepspeed:
         gas = accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
         if gas != len(parts):
-            raise RuntimeError(
-                f"{len(parts)} micro-batches this optimiser step, DeepSpeed accumulates {gas}"
-                + (" (micro_batch_tokens cut some: not with DeepSpeed)" if args.micro_batch_tokens else "")
-            )
+            raise RuntimeError(f"{len(parts)} micro-batches this optimiser step, DeepSpeed accumulates {gas}")
         ds_scale = float(gas)
     for n, part in enumerate(parts):
         trajs = [rollouts[i].trajectory for i in part]
@@ -449,6 +446,9 @@ def _trainable_model(args: GRPOArgs, accelerator, resume_from: Path | None):
         ref_model.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
     if _deepspeed(accelerator):  # one optimiser step per mini-batch, clipped at args.grad_clip, inside the engine
+        if args.micro_batch_tokens:
+            raise ValueError(f"micro_batch_tokens={args.micro_batch_tokens}: DeepSpeed accumulates a fixed number of "
+                             "micro-batches; bound memory with micro_batch instead")  # fmt: skip
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         local = args.users_per_step // world * args.group_size
         if local % args.mini_batches:

@@ -40,12 +40,10 @@ def _cache_argument(params: dict) -> str:
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """Length of the prefix every row of a right-padded batch shares, leaving each row at least one token."""
-    lengths = attention_mask.sum(1)
-    longest = int(lengths.min()) - 1
-    if input_ids.shape[0] < 2 or longest < 1:
+    lengths = attention_mask.sum(1).tolist()
+    if len(lengths) < 2:
         return 0
-    same = (input_ids[:, :longest] == input_ids[:1, :longest]).all(0)
-    return int(longest if bool(same.all()) else int(same.long().argmin()))
+    return _common_prefix([row[:n] for row, n in zip(input_ids.tolist(), lengths, strict=True)], min(lengths) - 1)
 
 
 def shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: int):

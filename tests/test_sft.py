@@ -42,6 +42,9 @@ def test_sft_loss_with_the_shared_prompt_prefix_run_once(tiny_lm_path, env_kwarg
     kwargs = {**env_kwargs, "prompt": "chat", "split": "train", "stage": "rec"}
     trajs, _ = demonstrations(make_teacher(SFTArgs()), tok, kwargs, [0, 1, 2])
     batch = pad_batch(trajs, tok.pad_token_id)
+    from agents.kv import KVBatch, shared_prefix_length
+
+    assert shared_prefix_length(batch["input_ids"], batch["attention_mask"]) >= KVBatch.MIN_SHARED  # a prefix to share
     with torch.no_grad():
         plain, n = sft_loss(model, batch)
         shared, m = sft_loss(model, batch, share_prefix=True)
