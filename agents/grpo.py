@@ -278,7 +278,9 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
     optimizer.zero_grad(set_to_none=True)
     chosen = [rollouts[i] for i in idx]
     n_tokens = sum(sum(r.trajectory.policy_mask) for r in chosen)
-    parts = _micro_parts(rollouts, idx, args)
+    # with share_prefix, a user's samples (adjacent in ``rollouts``) go to the same passes, where they share their
+    # whole prompt; the sum of the passes' gradients is the same in any order
+    parts = _micro_parts(rollouts, sorted(idx) if args.share_prefix else idx, args)
     # DeepSpeed accumulates over its configured number of micro-batches (``train`` sets it to this
     # optimiser step's) and divides each loss by it; scale back so the gradient is the same as elsewhere.
     ds_scale = 1.0

@@ -3,8 +3,10 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight``, ``--difficulty-top``, ``--lr`` and ``--mask-history`` make variants (with ``--run`` and ``--out``
-of their own); only the default settings export the bundled adapter unless ``--export`` says where.
+``--point-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history`` and the step's size (``--steps``,
+``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
+``--micro-batch``, ``--micro-batch-tokens`` and ``--share-prefix`` set how a step runs (memory, speed). Only the
+default settings export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -232,7 +234,9 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"the second half of the training users whose target is in the TRM's top-{base.difficulty_top}",
         "per step": f"{base.users_per_step} users x {base.group_size} samples, {base.mini_batches} optimiser steps per "
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
-        f"whitening '{base.whiten}', KL {base.kl_coef}",
+        f"whitening '{base.whiten}', KL {base.kl_coef}; update passes of at most {base.micro_batch} trajectories"
+        + (f" and {base.micro_batch_tokens} token positions" if base.micro_batch_tokens else "")
+        + (", shared prompt prefix run once" if base.share_prefix else ""),
         "episode": f"last {base.prompt_history} history items in the prompt, top-{base.retrieval_k} items per call, "
         f"at most {base.max_new_tokens} new tokens per segment"
         + (", the user's history never retrieved (mask_history)" if mask_history else ""),
@@ -287,6 +291,36 @@ def main(argv=None) -> None:
         f"(default {CPU_ARGS.difficulty_top})",
     )
     ap.add_argument("--lr", type=float, default=CPU_ARGS.lr, help=f"stage 2's learning rate (default {CPU_ARGS.lr})")
+    ap.add_argument("--steps", type=int, default=STEPS["rec"], help=f"stage 2's steps (default {STEPS['rec']})")
+    ap.add_argument(
+        "--users-per-step",
+        type=int,
+        default=CPU_ARGS.users_per_step,
+        help=f"users per stage-2 step, {CPU_ARGS.group_size} samples each (default {CPU_ARGS.users_per_step})",
+    )
+    ap.add_argument(
+        "--rollout-batch",
+        type=int,
+        default=CPU_ARGS.rollout_batch,
+        help=f"episodes sampled in lock step (default {CPU_ARGS.rollout_batch})",
+    )
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        default=CPU_ARGS.micro_batch,
+        help=f"trajectories per forward/backward pass of the update (default {CPU_ARGS.micro_batch})",
+    )
+    ap.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=CPU_ARGS.micro_batch_tokens,
+        help="at most this many padded token positions per pass (default 0: no bound; docs/training.md)",
+    )
+    ap.add_argument(
+        "--share-prefix",
+        action="store_true",
+        help="the update runs a pass's shared prompt prefix once (docs/training.md)",
+    )
     ap.add_argument(
         "--mask-history",
         action="store_true",
@@ -307,12 +341,21 @@ def main(argv=None) -> None:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
-    base, warm, steps = replace(CPU_ARGS, difficulty_top=args.difficulty_top, lr=args.lr), CPU_WARM, dict(STEPS)
+    for flag in ("steps", "users_per_step", "rollout_batch", "micro_batch"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
+    if args.micro_batch_tokens < 0:
+        ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
+    base = replace(CPU_ARGS, difficulty_top=args.difficulty_top, lr=args.lr, users_per_step=args.users_per_step,
+                   rollout_batch=args.rollout_batch, micro_batch=args.micro_batch,
+                   micro_batch_tokens=args.micro_batch_tokens, share_prefix=args.share_prefix)  # fmt: skip
+    warm, steps = CPU_WARM, {**STEPS, "rec": args.steps}
     n_val = args.val_users
     weights = {**STAGES["rec"], "point": args.point_weight}
     env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
     # only the default run makes the bundled adapter
-    default_run = not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS and not args.mask_history
+    default_run = (not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS and steps == STEPS
+                   and not args.mask_history)  # fmt: skip
     export = Path(args.export) if args.export else (BUNDLED_ADAPTER if default_run else None)
     if args.model:
         base = replace(base, model=args.model)
@@ -321,10 +364,13 @@ def main(argv=None) -> None:
     if args.smoke:
         from deeprec_env.trm import TRMConfig
 
-        base = replace(base, users_per_step=1, group_size=2, rollout_batch=2, max_new_tokens=8, lora_r=2,
-                       dataset="synthetic")  # fmt: skip
+        # smoke sizes, where the flags left the CPU run's
+        small = {"users_per_step": 1, "rollout_batch": 2}
+        small = {k: v for k, v in small.items() if getattr(base, k) == getattr(CPU_ARGS, k)}
+        base = replace(base, **small, group_size=2, max_new_tokens=8, lora_r=2, dataset="synthetic")
         warm = replace(warm, episodes=2, epochs=1, batch=2, lora_r=2)
-        steps, n_val = {"coldstart": 0, "rec": 1}, (3 if n_val == VAL_USERS else n_val)
+        steps = {"coldstart": 0, "rec": 1 if steps == STEPS else steps["rec"]}
+        n_val = 3 if n_val == VAL_USERS else n_val
         env_kwargs["trm"] = TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)
     if args.encoder:
         env_kwargs["encoder"] = args.encoder

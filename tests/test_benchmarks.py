@@ -154,15 +154,20 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     other = tmp_path / "res0"
     argv0 = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(other),
              "--run", str(tmp_path / "run0"), "--point-weight", "0", "--difficulty-top", "50",
-             "--lr", "0.0005", "--mask-history"]  # fmt: skip
+             "--lr", "0.0005", "--mask-history", "--steps", "2", "--micro-batch-tokens", "4000",
+             "--share-prefix"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
+    assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
+    assert settings["stage"]["micro_batch_tokens"] == 4000 and settings["stage"]["share_prefix"]
+    assert not json.loads((out / "settings.json").read_text())["stage"]["share_prefix"]
     assert settings["reward_weights"] == {**STAGES["rec"], "point": 0.0} and settings["stage"]["difficulty_top"] == 50
     assert settings["stage"]["lr"] == 0.0005 and json.loads((out / "settings.json").read_text())["stage"]["lr"] == 2e-4
     assert settings["mask_history"] and not json.loads((out / "settings.json").read_text())["mask_history"]
     text = (other / "README.md").read_text()
     assert "--point-weight 0 --difficulty-top 50 --lr 0.0005 --mask-history" in text and "point 0," in text
     assert "rollout batch, lr 0.0005," in text
+    assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
     # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said
     curriculum_cpu.main([*argv0, "--val-users", "2"])
@@ -174,7 +179,16 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert len(clock) == 1 and "for the run with 3 validation users" in clock[0] and "added the 2-user" in clock[0]
     with pytest.raises(ValueError, match="validation users asked; the validation episodes have 1 to"):
         curriculum_cpu.main([*argv0, "--val-users", "100000"])
-    for bad in (["--point-weight", "-1"], ["--difficulty-top", "0"], ["--val-users", "0"], ["--lr", "0"]):
+    for bad in (
+        ["--point-weight", "-1"],
+        ["--difficulty-top", "0"],
+        ["--val-users", "0"],
+        ["--lr", "0"],
+        ["--steps", "0"],
+        ["--users-per-step", "0"],
+        ["--micro-batch", "0"],
+        ["--micro-batch-tokens", "-1"],
+    ):
         with pytest.raises(SystemExit):
             curriculum_cpu.main([*argv0, *bad])
 
