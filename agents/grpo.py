@@ -170,6 +170,15 @@ def compute_advantages(rewards: np.ndarray, whiten: str = "divide", eps: float =
     return (a - mu) / (sd + eps) if whiten == "divide" else (a - mu) * sd
 
 
+def _on_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``mask`` is set, 0 elsewhere.
+
+    Off the policy tokens a log-prob difference is not computed (0) or ``-inf - -inf`` (a prompt token outside
+    top-k), and a NaN there would survive a multiplication by the mask.
+    """
+    return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -188,7 +197,7 @@ def policy_loss(
         clip_low: lower clip.
         clip_high: upper clip.
     """
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(_on_mask(logp - old_logp, mask))
     adv = advantages.unsqueeze(1)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
     return -(surrogate * mask).sum() / mask.sum().clamp(min=1)
@@ -263,7 +272,7 @@ def _old_logprobs(model, rollouts: list[Rollout], args: GRPOArgs, pad_id: int, s
     for part in _micro_parts(rollouts, list(range(len(rollouts))), args):
         chunk = [rollouts[i] for i in part]
         batch = {k: v.to(device) for k, v in pad_batch([r.trajectory for r in chunk], pad_id).items()}
-        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
+        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], needed=batch["loss_mask"], **sampling)
         out.extend(lp[j, : len(r.trajectory.ids)].detach() for j, r in enumerate(chunk))
     return out
 
@@ -295,7 +304,8 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
         batch = {k: v.to(device) for k, v in pad_batch(trajs, pad_id).items()}
         sync = accelerator is None or n == len(parts) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
+            mask = batch["loss_mask"]
+            logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], needed=mask, **sampling)
             if old is None:
                 old_lp = logp.detach()
             else:
@@ -303,14 +313,17 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
                 for j, i in enumerate(part):
                     old_lp[j, : len(old[i])] = old[i]
             adv = torch.as_tensor(advantages[part], dtype=torch.float32, device=device)
-            mask = batch["loss_mask"]
             # token-level mean over the optimiser step: weight each micro-batch by its share of policy tokens
             loss = policy_loss(logp, old_lp, adv, mask, args.clip_low, args.clip_high) * (mask.sum() / max(n_tokens, 1))
             if ref_model is not None and args.kl_coef > 0:
                 with torch.no_grad():
-                    ref = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], **sampling)
-                log_ratio = ref - logp
-                kl = ((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum() / max(n_tokens, 1)  # k3 estimator
+                    ref = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], needed=mask,
+                                         **sampling)  # fmt: skip
+                # k3 estimator, clamped as verl's low_var_kl: with top-k the updated policy can give a sampled
+                # token probability 0 (log-ratio +inf), where the estimate, not the KL, is infinite
+                log_ratio = _on_mask(ref - logp, mask).clamp(-20.0, 20.0)
+                k3 = (torch.exp(log_ratio) - 1 - log_ratio).clamp(max=10.0)
+                kl = (k3 * mask).sum() / max(n_tokens, 1)
                 loss = loss + args.kl_coef * kl
                 stats["kl"] += float(kl)
             if accelerator is None:
@@ -320,13 +333,13 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
                     accelerator.sync_gradients = sync
                 accelerator.backward(loss * ds_scale)
         with torch.no_grad():
-            ratio = torch.exp(logp.detach() - old_lp)
+            ratio = torch.exp(_on_mask(logp.detach() - old_lp, mask))
             clipped = ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).float()
             stats["clipped"] += float((clipped * mask).sum())
             sampler = torch.zeros_like(old_lp)
             for j, t in enumerate(trajs):
                 sampler[j, : len(t.logprobs)] = torch.as_tensor(t.logprobs, dtype=sampler.dtype)
-            stats["sampler_gap"] += float(((old_lp - sampler).abs() * mask).sum())
+            stats["sampler_gap"] += float((_on_mask(old_lp - sampler, mask).abs() * mask).sum())
             stats["tokens"] += int(mask.sum())
         stats["loss"] += float(loss.detach())
     if deepspeed:

@@ -46,23 +46,25 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return _common_prefix([row[:n] for row, n in zip(input_ids.tolist(), lengths, strict=True)], min(lengths) - 1)
 
 
-def shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: int):
+def shared_prefix_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: int,
+                         head_kwargs: dict | None = None, tail_kwargs: dict | None = None):  # fmt: skip
     """Logits of a right-padded batch whose rows share their first ``shared`` tokens, the prefix run once.
 
     The prefix goes through the model as a batch of one; its KV cache is repeated for every row and the
     rest of each row runs on top of it (positions continuing from ``shared``). The values, and the gradients
     through them, are those of the whole batch in one pass (up to float rounding): the prefix's gradient is
     the sum of what every row sends back through the repeated cache. Returns ``(head, tail)``: ``(1, shared, V)``
-    logits of the prefix and ``(B, L - shared, V)`` of the rest.
+    logits of the prefix and ``(B, L - shared, V)`` of the rest; ``head_kwargs`` / ``tail_kwargs`` go to the two
+    forward calls (``logits_to_keep``: only the last columns' logits).
     """
     cache_arg = _cache_argument(_forward_parameters(model))
-    head = model(input_ids=input_ids[:1, :shared], use_cache=True)
+    head = model(input_ids=input_ids[:1, :shared], use_cache=True, **(head_kwargs or {}))
     cache = getattr(head, "cache", None)
     cache = cache if cache is not None else head.past_key_values
     cache.batch_repeat_interleave(input_ids.shape[0])
     positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
     tail = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions,
-                 use_cache=True, **{cache_arg: cache})  # fmt: skip
+                 use_cache=True, **{cache_arg: cache}, **(tail_kwargs or {}))  # fmt: skip
     return head.logits, tail.logits
 
 

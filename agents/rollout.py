@@ -147,6 +147,7 @@ def token_logprobs(
     top_k: int = 0,
     top_p: float = 1.0,
     share_prefix: bool = False,
+    needed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probability of every token given its prefix, ``(B, L)``; position 0 gets 0.
 
@@ -154,6 +155,9 @@ def token_logprobs(
     With ``share_prefix``, the tokens every row starts with (a prompt's instructions) go through the model
     once, not once per row (:func:`agents.kv.shared_prefix_logits`; the same values and gradients up to float
     rounding); shorter than :attr:`agents.kv.KVBatch.MIN_SHARED` tokens, the batch runs as one.
+    ``needed`` (``(B, L)``, non-zero where a log-prob is used: the loss mask): the vocabulary projection, and the
+    vocabulary-sized tensors after it, start at the batch's first needed column (transformers'
+    ``logits_to_keep``), so a prompt costs no logits; the columns before it come back 0, the others are as without.
     """
 
     def logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -162,18 +166,31 @@ def token_logprobs(
             logits = sampling_logits(logits, temperature, top_k, top_p)
         return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-    from agents.kv import KVBatch, shared_prefix_length, shared_prefix_logits
+    from agents.kv import KVBatch, _forward_parameters, shared_prefix_length, shared_prefix_logits
 
+    width = input_ids.shape[1]
+    first = 1  # the first column whose log-prob is returned; its logits are those of column first - 1
+    if needed is not None and width > 1:
+        cols = needed[:, 1:].any(0).nonzero()
+        first = int(cols[0]) + 1 if len(cols) else 1
+    keep = (lambda n: {"logits_to_keep": n}) if "logits_to_keep" in _forward_parameters(model) else (lambda n: {})
     shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
     if shared < KVBatch.MIN_SHARED:
-        lp = logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:])
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep(width - first + 1)).logits
+        lp = logprobs(logits[:, -(width - first + 1) : -1], input_ids[:, first:])
+    elif first >= shared:  # the prefix is context: at most its last column's logits are needed
+        tail_keep = keep(width - first + 1) if first > shared else {}
+        head, tail = shared_prefix_logits(model, input_ids, attention_mask, shared, keep(1), tail_keep)
+        if first == shared:
+            tail = torch.cat([head[:, -1:].expand(input_ids.shape[0], -1, -1), tail], dim=1)
+        lp = logprobs(tail[:, -(width - first + 1) : -1], input_ids[:, first:])
     else:
         head, tail = shared_prefix_logits(model, input_ids, attention_mask, shared)
         rows = input_ids.shape[0]
-        inside = logprobs(head[:, :-1], input_ids[:1, 1:shared]).expand(rows, -1)  # the prefix's own tokens
+        inside = logprobs(head[:, first - 1 : -1], input_ids[:1, first:shared]).expand(rows, -1)  # the prefix's own
         after = logprobs(torch.cat([head[:, -1:].expand(rows, -1, -1), tail[:, :-1]], dim=1), input_ids[:, shared:])
         lp = torch.cat([inside, after], dim=1)
-    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+    return torch.cat([lp.new_zeros((lp.shape[0], first)), lp], dim=1)
 
 
 def group_rewards(rollouts: list[Rollout], group_size: int) -> np.ndarray:

@@ -153,8 +153,8 @@ def sft_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = False) 
 
     ``share_prefix``: the rows' common prompt prefix runs once (:func:`agents.rollout.token_logprobs`).
     """
-    lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], share_prefix=share_prefix)
     mask = batch["loss_mask"]
+    lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], share_prefix=share_prefix, needed=mask)
     n = int(mask.sum())
     return -(lp * mask).sum() / max(n, 1), n
 

@@ -115,6 +115,53 @@ def test_shared_prefix_log_probs_and_gradients_match_the_full_batch(tiny_lm_path
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("share_prefix", [False, True])
+@pytest.mark.parametrize("first", [3, 24, 25, 30])  # inside the shared prefix (24 tokens), at its end, after it
+def test_logits_only_from_the_first_needed_column(tiny_lm_path, share_prefix, first):
+    """``needed``: no vocabulary projection before the batch's first needed column; the needed log-probs and
+    their gradients are those of the full computation, the columns before come back 0."""
+    from agents.kv import KVBatch
+    from agents.llm import Trajectory, add_lora
+    from agents.rollout import pad_batch, token_logprobs
+
+    model, tok = load_causal_lm(str(tiny_lm_path))
+    model = add_lora(model, r=2)
+    prefix = list(range(5, 5 + KVBatch.MIN_SHARED + 8))
+    trajs = []
+    for tail in (list(range(40, 52)), list(range(60, 70)), [70]):
+        t = Trajectory()
+        t.extend(prefix + tail[:1], policy=False)
+        t.extend(tail[1:], policy=True)
+        trajs.append(t)
+    batch = pad_batch(trajs, tok.pad_token_id)
+    needed = batch["loss_mask"].clone()
+    needed[0, first] = 1  # the batch's first needed column
+    needed[:, :first] = 0
+    widths = []
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    sampling = {"temperature": 0.7}  # top-k would give these arbitrary tokens -inf
+    try:
+        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], share_prefix=share_prefix,
+                            needed=needed, **sampling)  # fmt: skip
+    finally:
+        hook.remove()
+    width = batch["input_ids"].shape[1]
+    if not share_prefix:
+        assert widths == [width - first + 1]
+    elif first >= len(prefix):  # the prefix is context only: its last column's logits, then the rows' from first - 1
+        assert widths == [1, min(width - first + 1, width - len(prefix))]
+    else:
+        assert widths == [len(prefix), width - len(prefix)]
+    full = token_logprobs(model, batch["input_ids"], batch["attention_mask"], **sampling)
+    on = needed.bool()
+    assert torch.allclose(lp[on], full[on], atol=1e-5) and (lp[on] < 0).all()
+    assert (lp[:, :first] == 0).all() and torch.isfinite(lp[on]).all()
+    a, b = _grads(model, lp, needed), _grads(model, full, needed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+
+
 def test_shared_prefix_falls_back_when_rows_differ_early(lm):
     """No shared prefix worth a pass of its own (or one row): the batch runs in one forward."""
     from agents.kv import shared_prefix_length

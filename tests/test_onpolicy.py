@@ -109,6 +109,22 @@ def test_the_clip_binds_when_ratios_move(lm, make_env):
     assert stats["clip_fraction"] > 0.0  # later updates move the ratio past 1 - 0.2 or 1 + 0.28
 
 
+def test_top_k_training_stays_finite(lm, make_env, tiny_lm_path):
+    """With top-k, prompt and inserted tokens outside the top k have log-prob -inf: the update must not turn the
+    masked ``-inf - -inf`` into NaN (loss, statistics, weights), with the reference policy's KL too."""
+    model, tok = lm
+    rollouts = _rollouts(lm, make_env, temperature=1.0, top_k=5)
+    adv = np.array([1.0, -1.0, 0.5, -0.5])
+    ref = load_causal_lm(str(tiny_lm_path))[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_step(model, opt, rollouts, adv, _args(top_k=5, mini_batches=2, kl_coef=0.1), tok.pad_token_id,
+                       ref_model=ref, rng=np.random.default_rng(0))  # fmt: skip
+    for key in ("loss", "grad_norm", "clip_fraction", "sampler_gap", "kl"):
+        assert np.isfinite(stats[key]), key
+    assert stats["sampler_gap"] < 1e-3 and stats["kl"] != 0.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_sampling_settings_are_checked():
     with pytest.raises(ValueError, match="top_k=-1"):
         GRPOArgs(top_k=-1)
