@@ -5,8 +5,12 @@ read, then one pass of the loss's forward and backward (``agents.rollout.token_l
 sampling temperature) runs on random token ids of that shape. What it tells: how many token positions one pass
 of the update may hold on a machine, the number to give ``GRPOArgs.micro_batch_tokens``.
 
+A shape ``ROWSxTOKENS@LAST`` says the loss reads the last ``LAST`` tokens of each row only, as the update does (its
+logits start at the first policy token: ``token_logprobs(needed=...)``); without ``@LAST`` every position's logits
+are computed (the update before that change).
+
     python -m benchmarks.update_memory                               # SmolLM2-135M + LoRA r=8, CPU
-    python -m benchmarks.update_memory --shapes 2x1100,1x4400 --lora-r 0
+    python -m benchmarks.update_memory --shapes 2x1100,2x1100@420,1x4400 --lora-r 0
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _one(model_name: str, lora_r: int, rows: int, tokens: int, temperature: float, queue) -> None:
+def _one(model_name: str, lora_r: int, rows: int, tokens: int, last: int, temperature: float, queue) -> None:
     import torch
 
     from agents.llm import add_lora, load_causal_lm
@@ -36,37 +40,46 @@ def _one(model_name: str, lora_r: int, rows: int, tokens: int, temperature: floa
     model.train()
     loaded = _rss_gb()
     ids = torch.randint(0, len(tok), (rows, tokens), generator=torch.Generator().manual_seed(0))
-    lp = token_logprobs(model, ids, torch.ones_like(ids), temperature=temperature)
-    lp.sum().backward()
+    needed = torch.zeros_like(ids)
+    needed[:, tokens - (last or tokens) :] = 1
+    lp = token_logprobs(model, ids, torch.ones_like(ids), temperature=temperature, needed=needed if last else None)
+    (lp * needed).sum().backward()
     queue.put((loaded, _rss_gb()))
 
 
-def measure(model: str, lora_r: int, shapes: list[tuple[int, int]], temperature: float = 0.7) -> list[dict]:
-    """One row per ``(rows, tokens)`` shape: resident memory after loading and at the pass's peak."""
+def measure(model: str, lora_r: int, shapes: list[tuple[int, int, int]], temperature: float = 0.7) -> list[dict]:
+    """One row per ``(rows, tokens, last)`` shape: resident memory after loading and at the pass's peak.
+
+    ``last``: the loss reads the last ``last`` tokens of each row (0: all, every position's logits computed).
+    """
     ctx = mp.get_context("spawn")  # a fresh process per shape, torch's threads not inherited
     out = []
-    for rows, tokens in shapes:
+    for rows, tokens, last in shapes:
         queue = ctx.Queue()
-        proc = ctx.Process(target=_one, args=(model, lora_r, rows, tokens, temperature, queue))
+        proc = ctx.Process(target=_one, args=(model, lora_r, rows, tokens, last, temperature, queue))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
             raise RuntimeError(f"the {rows}x{tokens} pass failed (exit code {proc.exitcode}; killed for memory?)")
         loaded, peak = queue.get()
-        out.append({"rows": rows, "tokens": tokens, "positions": rows * tokens, "GB after loading": loaded,
+        out.append({"rows": rows, "tokens": tokens, "positions": rows * tokens,
+                    "logits per row": f"last {last}" if last else "all", "GB after loading": loaded,
                     "GB peak": peak, "GB per 1,000 positions": (peak - loaded) / (rows * tokens) * 1000})  # fmt: skip
         print(out[-1], flush=True)
     return out
 
 
-def _shape(text: str) -> tuple[int, int]:
-    rows, _, tokens = text.partition("x")
+def _shape(text: str) -> tuple[int, int, int]:
+    rows, _, rest = text.partition("x")
+    tokens, at, last = rest.partition("@")
     try:
-        shape = int(rows), int(tokens)
+        shape = int(rows), int(tokens), int(last) if at else 0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}; a shape is ROWSxTOKENS, e.g. 2x1100") from None
-    if min(shape) < 1 or shape[1] < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}; a shape is ROWSxTOKENS[@LAST]: 2x1100, 2x1100@420") from None
+    if min(shape[:2]) < 1 or shape[1] < 2:
         raise argparse.ArgumentTypeError(f"{text!r}; needs >= 1 row and >= 2 tokens")
+    if at and not 1 <= shape[2] < shape[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}; LAST must be >= 1 and below TOKENS")
     return shape
 
 
@@ -74,7 +87,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (0: full fine-tuning)")
-    ap.add_argument("--shapes", default="2x1100,2x2200,1x4400", help="ROWSxTOKENS passes, comma-separated")
+    ap.add_argument(
+        "--shapes",
+        default="2x1100,2x1100@420,2x2200,2x2200@840,1x4400",
+        help="ROWSxTOKENS[@LAST] passes, comma-separated (@LAST: logits for each row's last LAST tokens)",
+    )
     ap.add_argument("--smoke", action="store_true", help="label the results a smoke run (pass a tiny --model)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -83,13 +100,14 @@ def main(argv=None) -> None:
     except argparse.ArgumentTypeError as e:
         ap.error(f"--shapes: {e}")
     if not shapes or args.lora_r < 0:
-        ap.error("--shapes needs at least one ROWSxTOKENS; --lora-r must be >= 0")
+        ap.error("--shapes needs at least one ROWSxTOKENS[@LAST]; --lora-r must be >= 0")
     rows = measure(args.model, args.lora_r, shapes)
     protocol = {
         "model": args.model + (f" + LoRA r={args.lora_r} on every linear layer" if args.lora_r else ", full"),
         "device": "cpu, float32",
-        "pass": "one forward + backward of the token log-probs (temperature 0.7, every position, as the update's "
-        "loss) on random token ids of each shape, no padding, share_prefix off",
+        "pass": "one forward + backward of the token log-probs (temperature 0.7) on random token ids of each shape, "
+        "no padding, share_prefix off; logits for every position ('all') or for each row's last LAST tokens (as the "
+        "update: from its first policy token; a chat episode of ~1,100 tokens has its first policy token near 700)",
         "memory": "peak resident set size of a fresh process per shape (ru_maxrss), after loading the model and "
         "after the pass; per 1,000 positions = (peak - after loading) / positions",
         "load": f"1-minute load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",

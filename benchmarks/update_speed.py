@@ -1,11 +1,12 @@
-"""Policy-update speed: the loss's forward and backward with and without the shared prompt prefix run once.
+"""Policy-update speed: the loss's forward and backward, four ways (shared prefix, logits of policy tokens only).
 
 Every trajectory of a step starts with the same instructions (~600 of the ~1,100 tokens of a chat episode
 with 5 history items and 10 items per call). ``share_prefix`` (``GRPOArgs``/``SFTArgs``) runs that prefix
 once per micro-batch, as a batch of one, and the rest of every row on top of its repeated KV cache
 (``agents.kv.shared_prefix_logits``). This times one pass of forward + backward (the update's cost per
-optimiser pass) over the same recorded episodes both ways, at several micro-batch sizes, and checks that
-the log-probs and the gradient agree.
+optimiser pass) over the same recorded episodes each way, at several micro-batch sizes, and checks that
+the log-probs and the gradient agree. The update computes logits only from a batch's first policy token
+(``token_logprobs(needed=...)``, always on); the ways with logits for every position are the cost before that.
 
     python -m benchmarks.update_speed                 # SmolLM2-135M + LoRA r=8 on CPU, 8 ml-100k episodes
     python -m benchmarks.update_speed --device cuda --dtype bfloat16 --micro-batches 2,8,16 --episodes 16
@@ -22,9 +23,22 @@ import torch
 from benchmarks.common import markdown_table, publish, smoke_env_kwargs
 from deeprec_env.threads import thread_settings
 
+WAYS = {
+    "whole rows, all logits": (False, False),
+    "whole rows": (False, True),
+    "prefix once, all logits": (True, False),
+    "prefix once": (True, True),
+}
+"""The forwards compared, ``(share_prefix, logits from the first policy token only)``; the first is the baseline of
+the speed-ups and gaps. "whole rows" and "prefix once" are the update without and with ``share_prefix``."""
 
-def _pass(model, trajectories: list, micro_batch: int, pad_id: int, share: bool) -> tuple[float, int, list, float]:
-    """One forward + backward over ``trajectories``: seconds, tokens through the model, policy log-probs, grad norm."""
+
+def _pass(model, trajectories: list, micro_batch: int, pad_id: int, share: bool,
+          policy_logits: bool = True) -> tuple[float, int, list, float]:  # fmt: skip
+    """One forward + backward over ``trajectories``: seconds, tokens through the model, policy log-probs, grad norm.
+
+    ``policy_logits``: logits from the first policy token only, as the update (else every position's).
+    """
     from agents.kv import KVBatch, shared_prefix_length
     from agents.rollout import pad_batch, token_logprobs
 
@@ -39,7 +53,7 @@ def _pass(model, trajectories: list, micro_batch: int, pad_id: int, share: bool)
     for s in range(0, len(trajectories), micro_batch):
         batch = {k: v.to(device) for k, v in pad_batch(trajectories[s : s + micro_batch], pad_id).items()}
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        lp = token_logprobs(model, ids, mask, share_prefix=share)
+        lp = token_logprobs(model, ids, mask, share_prefix=share, needed=batch["loss_mask"] if policy_logits else None)
         (-(lp * batch["loss_mask"]).sum() / total).backward()
         shared = shared_prefix_length(ids, mask) if share else 0
         tokens += ids.numel() if shared < KVBatch.MIN_SHARED else shared + ids.shape[0] * (ids.shape[1] - shared)
@@ -52,7 +66,7 @@ def _pass(model, trajectories: list, micro_batch: int, pad_id: int, share: bool)
 
 
 def measure(model, tokenizer, env_kwargs: dict, users: list[int], micro_batches: list[int], teacher: str) -> list[dict]:
-    """Rows of the comparison: each micro-batch size, plain then with the shared prefix, on the same episodes.
+    """Rows of the comparison: each micro-batch size, the four ways (:data:`WAYS`) on the same episodes.
 
     The episodes are transcripts of the scripted ``teacher`` recorded as the LLM policy's tokens
     (``agents.sft.demonstrations``): the update's cost depends on their lengths only.
@@ -67,18 +81,21 @@ def measure(model, tokenizer, env_kwargs: dict, users: list[int], micro_batches:
     _pass(model, trajectories[: min(2, len(trajectories))], 2, pad, False)  # warm-up (allocator, kernels)
     rows = []
     for mb in micro_batches:
-        plain = _pass(model, trajectories, mb, pad, False)
-        shared = _pass(model, trajectories, mb, pad, True)
-        gap = max(float((a - b).abs().max()) for a, b in zip(plain[2], shared[2], strict=True))
-        for name, (seconds, tokens, _, grad_norm) in (("whole rows", plain), ("prefix once", shared)):
-            rows.append({"micro-batch": mb, "forward": name, "episodes": len(trajectories),
-                         "tokens/episode": mean_len, "tokens through the model": tokens,
-                         "seconds per pass": seconds, "s/episode": seconds / len(trajectories),
-                         "grad norm": grad_norm})  # fmt: skip
-        rows[-1]["speed-up"] = f"{plain[0] / shared[0]:.2f}x"
-        rows[-1]["max log-prob gap"] = f"{gap:.1e}"
-        rows[-1]["grad norm gap"] = f"{abs(plain[3] - shared[3]) / max(plain[3], 1e-12):.1e}"
-        print(rows[-2], rows[-1], sep="\n", flush=True)
+        plain = None
+        for name, (share, policy_logits) in WAYS.items():
+            seconds, tokens, logprobs, grad_norm = _pass(model, trajectories, mb, pad, share, policy_logits)
+            row = {"micro-batch": mb, "forward": name, "episodes": len(trajectories), "tokens/episode": mean_len,
+                   "tokens through the model": tokens, "seconds per pass": seconds,
+                   "s/episode": seconds / len(trajectories), "grad norm": grad_norm}  # fmt: skip
+            if plain is None:
+                plain = (seconds, logprobs, grad_norm)
+            else:
+                gap = max(float((a - b).abs().max()) for a, b in zip(plain[1], logprobs, strict=True))
+                row["speed-up"] = f"{plain[0] / seconds:.2f}x"
+                row["max log-prob gap"] = f"{gap:.1e}"
+                row["grad norm gap"] = f"{abs(plain[2] - grad_norm) / max(plain[2], 1e-12):.1e}"
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -124,15 +141,17 @@ def main(argv=None) -> None:
         f"transcripts as the LLM policy's tokens; chat prompt, last {args.prompt_history} history items, "
         f"top-{args.retrieval_k} per call",
         "timed": "one pass of forward + backward of the policy-token log-likelihood over every episode, "
-        "micro-batched (the update's cost per optimiser pass), after one warm-up pass; the two ways on the same "
-        "episodes, one after the other",
-        "gaps": "max |log-prob difference| over policy tokens and relative gradient-norm difference between the "
-        "two ways (float rounding)",
+        "micro-batched (the update's cost per optimiser pass), after one warm-up pass; the ways on the same "
+        "episodes, one after the other; 'all logits': every position projected onto the vocabulary, otherwise "
+        "positions from the batch's first policy token only (what the update does)",
+        "gaps": "max |log-prob difference| over policy tokens and relative gradient-norm difference to "
+        "'whole rows, all logits' (float rounding)",
         "load": f"1-minute load average {load:.2f} at start on {os.cpu_count()} cores (a shared machine)",
         "threads": f"torch {thread_settings()['torch threads (process)']}",
     }
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    publish("update_speed", "Policy-update speed: the shared prompt prefix run once", markdown_table(rows, columns,
+    publish("update_speed", "Policy-update speed: the shared prompt prefix run once, logits for policy tokens only",
+            markdown_table(rows, columns,
             fmt="{:.2f}"), protocol, {"rows": rows}, args.smoke, args.out)  # fmt: skip
 
 
