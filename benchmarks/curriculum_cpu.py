@@ -292,30 +292,15 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--lr", type=float, default=CPU_ARGS.lr, help=f"stage 2's learning rate (default {CPU_ARGS.lr})")
     ap.add_argument("--steps", type=int, default=STEPS["rec"], help=f"stage 2's steps (default {STEPS['rec']})")
-    ap.add_argument(
-        "--users-per-step",
-        type=int,
-        default=CPU_ARGS.users_per_step,
-        help=f"users per stage-2 step, {CPU_ARGS.group_size} samples each (default {CPU_ARGS.users_per_step})",
-    )
-    ap.add_argument(
-        "--rollout-batch",
-        type=int,
-        default=CPU_ARGS.rollout_batch,
-        help=f"episodes sampled in lock step (default {CPU_ARGS.rollout_batch})",
-    )
-    ap.add_argument(
-        "--micro-batch",
-        type=int,
-        default=CPU_ARGS.micro_batch,
-        help=f"trajectories per forward/backward pass of the update (default {CPU_ARGS.micro_batch})",
-    )
-    ap.add_argument(
-        "--micro-batch-tokens",
-        type=int,
-        default=CPU_ARGS.micro_batch_tokens,
-        help="at most this many padded token positions per pass (default 0: no bound; docs/training.md)",
-    )
+    sizes = {
+        "users_per_step": f"users per stage-2 step, {CPU_ARGS.group_size} samples each",
+        "rollout_batch": "episodes sampled in lock step",
+        "micro_batch": "trajectories per forward/backward pass of the update",
+        "micro_batch_tokens": "at most this many padded token positions per pass (0: no bound; docs/training.md)",
+    }
+    for field, text in sizes.items():
+        default = getattr(CPU_ARGS, field)
+        ap.add_argument("--" + field.replace("_", "-"), type=int, default=default, help=f"{text} (default {default})")
     ap.add_argument(
         "--share-prefix",
         action="store_true",
