@@ -53,6 +53,26 @@ def measure(model: str, lora_r: int, shapes: list[tuple[int, int, int]], tempera
     ``last``: the loss reads the last ``last`` tokens of each row (0: all, every position's logits computed).
     """
     ctx = mp.get_context("spawn")  # a fresh process per shape, torch's threads not inherited
+    saved = {k: os.environ.get(k) for k in MALLOC}
+    os.environ.update(MALLOC)  # the children's allocator (spawned processes take this environment)
+    try:
+        return _measure(ctx, model, lora_r, shapes, temperature)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+"""glibc allocator settings of the measuring processes: every block of 64 KiB or more is mapped on its own and
+returned to the system when freed, so the peak resident memory follows the memory in use. With glibc's defaults
+(an adaptive threshold, freed blocks kept in the heap) the same 2 x 1,100 pass peaked anywhere from 4.6 to 6.9 GB
+from run to run on this CPU, more than the difference this benchmark measures."""
+
+
+def _measure(ctx, model: str, lora_r: int, shapes: list[tuple[int, int, int]], temperature: float) -> list[dict]:
     out = []
     for rows, tokens, last in shapes:
         queue = ctx.Queue()
@@ -109,7 +129,9 @@ def main(argv=None) -> None:
         "no padding, share_prefix off; logits for every position ('all') or for each row's last LAST tokens (as the "
         "update: from its first policy token; a chat episode of ~1,100 tokens has its first policy token near 700)",
         "memory": "peak resident set size of a fresh process per shape (ru_maxrss), after loading the model and "
-        "after the pass; per 1,000 positions = (peak - after loading) / positions",
+        "after the pass; per 1,000 positions = (peak - after loading) / positions; allocator: "
+        + " ".join(f"{k}={v}" for k, v in MALLOC.items())
+        + " (blocks of 64 KiB or more returned when freed: the peak follows the memory in use)",
         "load": f"1-minute load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
     }
     columns = list(rows[0])

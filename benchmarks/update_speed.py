@@ -107,7 +107,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (0: full fine-tuning)")
     ap.add_argument("--episodes", type=int, default=8, help="recorded episodes (ml-100k training users)")
-    ap.add_argument("--micro-batches", default="2,8", help="micro-batch sizes, comma-separated")
+    ap.add_argument(
+        "--micro-batches",
+        default="2,4",
+        help="micro-batch sizes, comma-separated (8 rows of every "
+        "position's logits, 'whole rows, all logits', were killed for memory on a 24 GiB machine)",
+    )
     ap.add_argument("--teacher", default="history-top-category-unseen", help="scripted agent whose episodes are used")
     ap.add_argument("--prompt-history", type=int, default=5)
     ap.add_argument("--retrieval-k", type=int, default=10)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -357,11 +358,15 @@ def test_update_speed_smoke(tmp_path, tiny_lm_path, tiny_encoder_path):
 def test_update_memory_smoke(tmp_path, tiny_lm_path):
     from benchmarks import update_memory
 
+    before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     update_memory.main(["--smoke", "--model", str(tiny_lm_path), "--lora-r", "2", "--shapes", "1x16,2x32@8",
                         "--out", str(tmp_path)])  # fmt: skip
     rows = json.loads((tmp_path / "update_memory_smoke.json").read_text())["rows"]
     assert [(r["rows"], r["positions"], r["logits per row"]) for r in rows] == [(1, 16, "all"), (2, 64, "last 8")]
     assert all(r["GB peak"] >= r["GB after loading"] > 0 for r in rows)
+    protocol = json.loads((tmp_path / "update_memory_smoke.json").read_text())["protocol"]
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in protocol["memory"]  # the measuring processes' allocator, said
+    assert os.environ.get("MALLOC_MMAP_THRESHOLD_") == before  # this process's environment restored
     for bad in ("2by3", "0x10", "1x1", "", "2x10@0", "2x10@10", "2x10@x"):
         with pytest.raises(SystemExit):
             update_memory.main(["--shapes", bad])
