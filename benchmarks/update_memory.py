@@ -19,6 +19,7 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
+from unittest.mock import patch
 
 from benchmarks.common import markdown_table, publish
 
@@ -47,24 +48,6 @@ def _one(model_name: str, lora_r: int, rows: int, tokens: int, last: int, temper
     queue.put((loaded, _rss_gb()))
 
 
-def measure(model: str, lora_r: int, shapes: list[tuple[int, int, int]], temperature: float = 0.7) -> list[dict]:
-    """One row per ``(rows, tokens, last)`` shape: resident memory after loading and at the pass's peak.
-
-    ``last``: the loss reads the last ``last`` tokens of each row (0: all, every position's logits computed).
-    """
-    ctx = mp.get_context("spawn")  # a fresh process per shape, torch's threads not inherited
-    saved = {k: os.environ.get(k) for k in MALLOC}
-    os.environ.update(MALLOC)  # the children's allocator (spawned processes take this environment)
-    try:
-        return _measure(ctx, model, lora_r, shapes, temperature)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 """glibc allocator settings of the measuring processes: every block of 64 KiB or more is mapped on its own and
 returned to the system when freed, so the peak resident memory follows the memory in use. With glibc's defaults
@@ -72,20 +55,27 @@ returned to the system when freed, so the peak resident memory follows the memor
 from run to run on this CPU, more than the difference this benchmark measures."""
 
 
-def _measure(ctx, model: str, lora_r: int, shapes: list[tuple[int, int, int]], temperature: float) -> list[dict]:
+def measure(model: str, lora_r: int, shapes: list[tuple[int, int, int]], temperature: float = 0.7) -> list[dict]:
+    """One row per ``(rows, tokens, last)`` shape: resident memory after loading and at the pass's peak.
+
+    ``last``: the loss reads the last ``last`` tokens of each row (0: all, every position's logits computed).
+    """
+    ctx = mp.get_context("spawn")  # a fresh process per shape, torch's threads not inherited
     out = []
-    for rows, tokens, last in shapes:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_one, args=(model, lora_r, rows, tokens, last, temperature, queue))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
-            raise RuntimeError(f"the {rows}x{tokens} pass failed (exit code {proc.exitcode}; killed for memory?)")
-        loaded, peak = queue.get()
-        out.append({"rows": rows, "tokens": tokens, "positions": rows * tokens,
-                    "logits per row": f"last {last}" if last else "all", "GB after loading": loaded,
-                    "GB peak": peak, "GB per 1,000 positions": (peak - loaded) / (rows * tokens) * 1000})  # fmt: skip
-        print(out[-1], flush=True)
+    with patch.dict(os.environ, MALLOC):  # the children's allocator (spawned processes take this environment)
+        for rows, tokens, last in shapes:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_one, args=(model, lora_r, rows, tokens, last, temperature, queue))
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0:
+                raise RuntimeError(f"the {rows}x{tokens} pass failed (exit code {proc.exitcode}; killed for memory?)")
+            loaded, peak = queue.get()
+            positions = rows * tokens
+            out.append({"rows": rows, "tokens": tokens, "positions": positions,
+                        "logits per row": f"last {last}" if last else "all", "GB after loading": loaded,
+                        "GB peak": peak, "GB per 1,000 positions": (peak - loaded) / positions * 1000})  # fmt: skip
+            print(out[-1], flush=True)
     return out
 
 
