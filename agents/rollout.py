@@ -170,6 +170,8 @@ def token_logprobs(
 
     width = input_ids.shape[1]
     first = 1  # the first column whose log-prob is returned; its logits are those of column first - 1
+    if needed is not None and needed.shape != input_ids.shape:
+        raise ValueError(f"needed has shape {tuple(needed.shape)}; input_ids {tuple(input_ids.shape)}")
     if needed is not None and width > 1:
         cols = needed[:, 1:].any(0).nonzero()
         first = int(cols[0]) + 1 if len(cols) else 1

@@ -160,6 +160,8 @@ def test_logits_only_from_the_first_needed_column(tiny_lm_path, share_prefix, fi
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+    with pytest.raises(ValueError, match="needed has shape"):
+        token_logprobs(model, batch["input_ids"], batch["attention_mask"], needed=needed[:, 1:])
 
 
 def test_shared_prefix_falls_back_when_rows_differ_early(lm):
