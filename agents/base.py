@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.vector import step_together
 
@@ -69,6 +71,11 @@ class EpisodeRecord:
     episode_reward_components: dict = field(default_factory=dict)
     """Each reward component summed over the episode (unweighted; ``reward_components`` is the last step's):
     their sum weighted by the env's weights is ``reward``."""
+    retrieved_rank: int = -1
+    """The target's best position (0-based) in any call's retrieved list, -1 if no call retrieved it: with
+    ``rank``, it tells a miss of retrieval (the calls) from one of ordering (the answer)."""
+    from_retrieved: int = 0
+    """Answer lines naming an item that one of the episode's calls retrieved."""
 
 
 def run_episodes(
@@ -145,6 +152,16 @@ def play_episodes(
                 invalid_segments=invalid[i],
                 extra=policy.describe(states[i]),
                 episode_reward_components=dict(f["episode_reward_components"]),
+                **retrieval_diagnostics(env.episode),
             )
         )
     return records, states
+
+
+def retrieval_diagnostics(episode) -> dict:
+    """``retrieved_rank`` and ``from_retrieved`` of a finished episode (see :class:`EpisodeRecord`)."""
+    ranks = [int(np.flatnonzero(ids == episode.target)[0]) for ids in map(np.asarray, episode.retrieved)
+             if (ids == episode.target).any()]  # fmt: skip
+    retrieved = {int(i) for ids in episode.retrieved for i in ids}
+    return {"retrieved_rank": min(ranks, default=-1),
+            "from_retrieved": sum(i is not None and i in retrieved for i in episode.answer_ids)}  # fmt: skip

@@ -99,7 +99,8 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     policy = LLMPolicy(str(checkpoint), device=base.device, dtype=base.dtype, max_new_tokens=base.max_new_tokens)
     recs = validation_records(policy, base.env_kwargs("rec", env_kwargs), n_users, batch_size=VAL_BATCH)
     rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
-             "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward}
+             "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward,
+             "retrieved_rank": r.retrieved_rank, "from_retrieved": r.from_retrieved}
             for i, r in enumerate(recs)]  # fmt: skip
     cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -123,6 +124,19 @@ WELL_FORMED = "ndcg@10, users well-formed before and after"
 before and after (a failed format is a miss, so on the other users a change is mostly the format's)."""
 
 
+CALL_ORDER = "ndcg@10 had the answer kept the call's order"
+"""NDCG@10 of an answer that lists the best call's retrieved items in the order they came: the ranking the TRM
+gave. NDCG@10 above it means the policy ordered the retrieved items better than the TRM; the share of users whose
+target a call retrieved is what the calls (the preferences) decided."""
+
+
+def with_call_order(rows: list[dict]) -> list[dict]:
+    """Rows with ``call_retrieved`` and ``call_order_ndcg@10`` added, where ``retrieved_rank`` is known."""
+    return [{**r, "call_retrieved": float(r["retrieved_rank"] >= 0),
+             "call_order_ndcg@10": 1 / np.log2(r["retrieved_rank"] + 2) if 0 <= r["retrieved_rank"] < 10 else 0.0}
+            if "retrieved_rank" in r else r for r in rows]  # fmt: skip
+
+
 def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict:
     """Means before and after, and the paired per-user NDCG@10 / Recall@10 differences with 95% intervals.
 
@@ -131,9 +145,13 @@ def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict
     """
     from agents.evaluate import paired_difference
 
+    before, after = with_call_order(before), with_call_order(after)
     keys = {
         "ndcg@10": "ndcg@10",
         "recall@10": "recall@10",
+        "call_order_ndcg@10": CALL_ORDER,
+        "call_retrieved": "target in a call's retrieved list",
+        "from_retrieved": "answer lines a call retrieved",
         "format_fail": "format_fail",
         "calls": "calls",
         "hallucinated": "answer lines naming no item",
@@ -141,7 +159,7 @@ def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict
         "duplicates": "answer lines repeating an item",
         "reward": "reward",
     }
-    rows = [{"quantity": label, "before": float(np.mean([r[k] for r in before])),
+    rows = [{"quantity": label, "key": k, "before": float(np.mean([r[k] for r in before])),
              "after": float(np.mean([r[k] for r in after]))}
             for k, label in keys.items() if all(k in r for r in before + after)]  # fmt: skip
     ok = {r["example"] for r in before if not r["format_fail"]} & {r["example"] for r in after if not r["format_fail"]}
@@ -150,8 +168,8 @@ def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict
                         "before": float(np.mean([r["ndcg@10"] for r in before if r["example"] in ok])),
                         "after": float(np.mean([r["ndcg@10"] for r in after if r["example"] in ok]))})  # fmt: skip
     for row in rows:
-        k, users = row.pop("key", row["quantity"]), row.pop("users", None)
-        if k in ("ndcg@10", "recall@10"):
+        k, users = row.pop("key"), row.pop("users", None)
+        if k in ("ndcg@10", "recall@10", "call_order_ndcg@10"):
             kept = [r for r in after if users is None or r["example"] in users]
             mean, lo, hi, n = paired_difference({r["example"]: r[k] for r in kept},
                                                 {r["example"]: r[k] for r in before}, seed)  # fmt: skip

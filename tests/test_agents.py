@@ -32,6 +32,10 @@ def test_trm_only_reproduces_the_trm(env_kwargs, resources, options):
     agent = np.array([r.rank for r in records])
     trm = np.where(ranks[order] < 10, ranks[order], -1)
     assert np.array_equal(agent, trm)
+    # its one call retrieved the TRM's top retrieval_k, and its answer is that list's first ten
+    k = DeepRecEnv(resources=resources, **env_kwargs).config.retrieval_k
+    assert k > 10 and [r.retrieved_rank for r in records] == np.where(ranks[order] < k, ranks[order], -1).tolist()
+    assert all(r.from_retrieved == 10 for r in records)
     assert summarize(records)["ndcg@10"] == pytest.approx(ndcg_at_k(ranks, 10))
     assert summarize(records)["recall@10"] == pytest.approx(recall_at_k(ranks, 10))
 

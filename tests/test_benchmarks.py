@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from deeprec_env.rewards import STAGES
@@ -195,7 +196,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
 
 
 def test_curriculum_validation_separates_format_from_ranking():
-    from benchmarks.curriculum_cpu import WELL_FORMED, compare_validation
+    from benchmarks.curriculum_cpu import CALL_ORDER, WELL_FORMED, compare_validation
 
     def rows(ndcg, fails):
         pairs = enumerate(zip(ndcg, fails, strict=True))
@@ -215,6 +216,27 @@ def test_curriculum_validation_separates_format_from_ranking():
     assert well["paired difference (95% CI)"].startswith("-0.2500") and "over 2 users" in well[
         "paired difference (95% CI)"]  # fmt: skip
     assert "answer lines repeating an item" not in val  # an older cached file without the count: left out
+    assert CALL_ORDER not in val  # nor the retrieval diagnostics
+
+
+def test_curriculum_validation_separates_retrieval_from_ordering():
+    from benchmarks.curriculum_cpu import CALL_ORDER, compare_validation
+
+    def rows(ranks, retrieved):  # the answer's rank and the target's position in the call's list
+        return [{"example": i, "ndcg@10": 1 / np.log2(r + 2) if r >= 0 else 0.0, "recall@10": float(r >= 0),
+                 "format_fail": 0, "retrieved_rank": rr, "from_retrieved": 10}
+                for i, (r, rr) in enumerate(zip(ranks, retrieved, strict=True))]  # fmt: skip
+
+    before = rows([0, -1, -1, 3], [0, 12, -1, 3])  # the TRM's order kept; the target 13th or never retrieved
+    after = rows([2, -1, 1, -1], [0, 12, 1, -1])  # user 0 reordered worse, 2 retrieved by a new call, 3 lost
+    val = {r["quantity"]: r for r in compare_validation(before, after, seed=0)["rows"]}
+    order = val[CALL_ORDER]
+    assert order["before"] == pytest.approx(val["ndcg@10"]["before"])  # kept the order: the same NDCG
+    assert order["after"] == pytest.approx((1 + 0 + 1 / np.log2(3) + 0) / 4)
+    assert val["ndcg@10"]["after"] < order["after"]  # ordered worse than the calls' lists
+    assert (val["target in a call's retrieved list"]["before"], val["target in a call's retrieved list"]["after"]) == (
+        0.75, 0.75)  # fmt: skip
+    assert val["answer lines a call retrieved"]["after"] == 10
 
 
 def test_fuzz_smoke(tmp_path, tiny_encoder_path):
