@@ -375,7 +375,7 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
 
 def _stats_row(rec, keys: list[str]) -> list[float]:
     return [rec.reward, float(bool(rec.format_errors)), float(rec.calls), float(rec.tokens),
-            *(float(rec.reward_components[k]) for k in keys)]  # fmt: skip
+            *(float(rec.episode_reward_components[k]) for k in keys)]  # fmt: skip
 
 
 def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = True) -> Path:
@@ -536,15 +536,18 @@ def varying_groups(rollouts: list[Rollout], group_size: int, keys: list[str]) ->
     """How many groups' samples differ in their reward, then in each reward component of ``keys``.
 
     A group whose ``group_size`` rewards are all equal has advantage 0 everywhere: it teaches nothing (TRL logs
-    the complement, ``frac_reward_zero_std``). Per component it tells which part of the reward the signal
-    comes from (in stage 2: how many groups differ in ``hit``).
+    the complement, ``frac_reward_zero_std``). Per component (summed over the episode, weighted or not) it tells
+    which part of the reward the signal comes from (in stage 2: how many groups differ in ``hit``) and where
+    there could be one (``retrieval_hit``, given at the calls: how many groups' calls differ in retrieving the
+    target).
 
     >>> from types import SimpleNamespace as N
-    >>> ro = lambda r, hit: N(reward=r, record=N(reward_components={"hit": hit}))
+    >>> ro = lambda r, hit: N(reward=r, record=N(episode_reward_components={"hit": hit}))
     >>> varying_groups([ro(1.0, 1.0), ro(0.5, 0.0), ro(0.5, 0.0), ro(0.5, 0.0)], 2, ["hit"])
     [1, 1]
     """
-    values = np.array([[ro.reward, *(ro.record.reward_components[k] for k in keys)] for ro in rollouts], dtype=float)
+    values = np.array([[ro.reward, *(ro.record.episode_reward_components[k] for k in keys)] for ro in rollouts],
+                      dtype=float)  # fmt: skip
     values = values.reshape(-1, group_size, 1 + len(keys))
     return [int(n) for n in (np.ptp(values, axis=1) > 1e-9).sum(axis=0)]
 
@@ -552,7 +555,7 @@ def varying_groups(rollouts: list[Rollout], group_size: int, keys: list[str]) ->
 def _log_entry(step: int, args: GRPOArgs, rollouts: list[Rollout], stats: dict, accelerator) -> dict:
     """The step's log line: episode statistics averaged over every process, and the update's."""
     world = accelerator.num_processes
-    keys = sorted(rollouts[0].record.reward_components)
+    keys = sorted(rollouts[0].record.episode_reward_components)
     rows = torch.tensor([_stats_row(r.record, keys) for r in rollouts], device=accelerator.device)
     rows = accelerator.gather(rows).cpu().numpy().mean(axis=0)
     totals = accelerator.reduce(torch.tensor([stats["loss"], stats["kl"], stats["policy_tokens"]],

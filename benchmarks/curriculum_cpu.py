@@ -221,10 +221,15 @@ def signal_text(rows: list[dict], users_per_step: int, group_size: int, weights:
     parts = {c: groups(f"signal_groups_{c}") for c, w in weights.items() if w and f"signal_groups_{c}" in rows[0]}
     by_part = ", ".join(f"{k} {v}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
     hits = round(sum(r["reward_hit"] for r in rows) * users_per_step * group_size)
+    # retrieval_hit is given at the calls; logs before the episode sums had it 0 everywhere, so say nothing of those
+    calls = ""
+    if any(r.get("reward_retrieval_hit", 0) > 0 for r in rows) and "signal_groups_retrieval_hit" in rows[0]:
+        calls = (f" The samples' calls differed in retrieving the target (`retrieval_hit`, whatever its weight) "
+                 f"inside {groups('signal_groups_retrieval_hit')} groups.")  # fmt: skip
     return (
         f"Learning signal: the rewards differed inside {groups('signal_groups')} of the {n} groups (one user's "
         f"{group_size} samples each); by component: {by_part or 'none'}. {hits} of {n * group_size} sampled "
-        "episodes hit.\n\n"
+        f"episodes hit.{calls}\n\n"
     )
 
 

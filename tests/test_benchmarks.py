@@ -357,6 +357,11 @@ def test_curriculum_signal_text_counts_groups_by_component():
     assert "2 of 16 sampled episodes hit" in text
     assert "by component: hit 1." in signal_text(rows, 2, 4, {**weights, "point": 0.0})  # weight 0 moves nothing
     assert signal_text([{"reward_hit": 0.0}], 2, 4, weights) == ""  # a log from before signal_groups
+    assert "retrieving" not in text  # no retrieval_hit in the log
+    for r, n in zip(rows, (0.5, 0.0), strict=True):
+        r.update(reward_retrieval_hit=0.3, signal_groups_retrieval_hit=n)
+    assert "calls differed in retrieving the target (`retrieval_hit`, whatever its weight) inside 1 groups" in (
+        signal_text(rows, 2, 4, weights))  # fmt: skip
 
 
 def test_update_speed_smoke(tmp_path, tiny_lm_path, tiny_encoder_path):
