@@ -257,12 +257,15 @@ def test_varying_groups_counts_groups_whose_samples_differ():
 
     from agents.grpo import varying_groups
 
-    def ro(reward, hit, point):
-        return N(reward=reward, record=N(reward_components={"hit": hit, "point": point}))
+    def ro(reward, hit, point, retrieved=0.0):  # retrieval_hit comes at a call: 0 in the answer step's components
+        last = {"hit": hit, "point": point, "retrieval_hit": 0.0}
+        return N(reward=reward, record=N(reward_components=last,
+                                         episode_reward_components={**last, "retrieval_hit": retrieved}))  # fmt: skip
 
-    groups = [[ro(3.0, 1.0, 2.0), ro(2.0, 0.0, 2.0)],  # differs in hit
+    groups = [[ro(3.0, 1.0, 2.0, 1.0), ro(2.0, 0.0, 2.0)],  # differs in hit (and in its calls' retrieval)
               [ro(1.0, 0.0, 1.0), ro(1.5, 0.0, 1.5)],  # differs in point only
               [ro(0.0, 0.0, 0.0), ro(0.0, 0.0, 0.0)]]  # no signal  # fmt: skip
     flat = [r for g in groups for r in g]
-    assert varying_groups(flat, 2, ["hit", "point"]) == [2, 1, 1]
-    assert varying_groups(flat, 6, ["hit", "point"]) == [1, 1, 1]
+    keys = ["hit", "point", "retrieval_hit"]
+    assert varying_groups(flat, 2, keys) == [2, 1, 1, 1]  # the episode's sums, not the last step's
+    assert varying_groups(flat, 6, keys) == [1, 1, 1, 1]
