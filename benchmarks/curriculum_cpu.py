@@ -132,8 +132,10 @@ target a call retrieved is what the calls (the preferences) decided."""
 
 def with_call_order(rows: list[dict]) -> list[dict]:
     """Rows with ``call_retrieved`` and ``call_order_ndcg@10`` added, where ``retrieved_rank`` is known."""
+    from deeprec_env.metrics import ndcg_at_k
+
     return [{**r, "call_retrieved": float(r["retrieved_rank"] >= 0),
-             "call_order_ndcg@10": 1 / np.log2(r["retrieved_rank"] + 2) if 0 <= r["retrieved_rank"] < 10 else 0.0}
+             "call_order_ndcg@10": ndcg_at_k(np.array([r["retrieved_rank"]]), 10)}
             if "retrieved_rank" in r else r for r in rows]  # fmt: skip
 
 
