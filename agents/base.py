@@ -160,8 +160,7 @@ def play_episodes(
 
 def retrieval_diagnostics(episode) -> dict:
     """``retrieved_rank`` and ``from_retrieved`` of a finished episode (see :class:`EpisodeRecord`)."""
-    ranks = [int(np.flatnonzero(ids == episode.target)[0]) for ids in map(np.asarray, episode.retrieved)
-             if (ids == episode.target).any()]  # fmt: skip
+    positions = [np.flatnonzero(ids == episode.target) for ids in episode.retrieved]  # each call's (an array)
     retrieved = {int(i) for ids in episode.retrieved for i in ids}
-    return {"retrieved_rank": min(ranks, default=-1),
+    return {"retrieved_rank": min((int(p[0]) for p in positions if len(p)), default=-1),
             "from_retrieved": sum(i is not None and i in retrieved for i in episode.answer_ids)}  # fmt: skip
