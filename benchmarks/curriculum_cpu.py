@@ -3,8 +3,8 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history`` and the step's size (``--steps``,
-``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
+``--point-weight``, ``--retrieval-hit-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history`` and the step's
+size (``--steps``, ``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
 ``--micro-batch``, ``--micro-batch-tokens`` and ``--share-prefix`` set how a step runs (memory, speed). Only the
 default settings export the bundled adapter unless ``--export`` says where.
 
@@ -309,6 +309,13 @@ def main(argv=None) -> None:
         help="weight of stage 2's point reward (default: the reference's 1; 0 leaves format, hit, rank)",
     )
     ap.add_argument(
+        "--retrieval-hit-weight",
+        type=float,
+        default=0.0,
+        help="weight of the process reward retrieval_hit in stage 2, given at the call whose list first holds the "
+        "target (default 0: the reference's stage 2 has none; docs/design.md)",
+    )
+    ap.add_argument(
         "--difficulty-top",
         type=int,
         default=CPU_ARGS.difficulty_top,
@@ -347,6 +354,8 @@ def main(argv=None) -> None:
         ap.error(f"--val-users {args.val_users}; must be >= 1")
     if not args.point_weight >= 0:
         ap.error(f"--point-weight {args.point_weight}; must be >= 0")
+    if not args.retrieval_hit_weight >= 0:
+        ap.error(f"--retrieval-hit-weight {args.retrieval_hit_weight}; must be >= 0")
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
@@ -362,6 +371,8 @@ def main(argv=None) -> None:
     warm, steps = CPU_WARM, {**STEPS, "rec": args.steps}
     n_val = args.val_users
     weights = {**STAGES["rec"], "point": args.point_weight}
+    if args.retrieval_hit_weight:
+        weights["retrieval_hit"] = args.retrieval_hit_weight
     env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
     # only the default run makes the bundled adapter
     default_run = (not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS and steps == STEPS

@@ -155,19 +155,21 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     # in the results
     other = tmp_path / "res0"
     argv0 = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(other),
-             "--run", str(tmp_path / "run0"), "--point-weight", "0", "--difficulty-top", "50",
-             "--lr", "0.0005", "--mask-history", "--steps", "2", "--micro-batch-tokens", "4000",
-             "--share-prefix"]  # fmt: skip
+             "--run", str(tmp_path / "run0"), "--point-weight", "0", "--retrieval-hit-weight", "2",
+             "--difficulty-top", "50", "--lr", "0.0005", "--mask-history", "--steps", "2",
+             "--micro-batch-tokens", "4000", "--share-prefix"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
     assert settings["stage"]["micro_batch_tokens"] == 4000 and settings["stage"]["share_prefix"]
     assert not json.loads((out / "settings.json").read_text())["stage"]["share_prefix"]
-    assert settings["reward_weights"] == {**STAGES["rec"], "point": 0.0} and settings["stage"]["difficulty_top"] == 50
+    assert settings["reward_weights"] == {**STAGES["rec"], "point": 0.0, "retrieval_hit": 2.0}
+    assert settings["stage"]["difficulty_top"] == 50
     assert settings["stage"]["lr"] == 0.0005 and json.loads((out / "settings.json").read_text())["stage"]["lr"] == 2e-4
     assert settings["mask_history"] and not json.loads((out / "settings.json").read_text())["mask_history"]
     text = (other / "README.md").read_text()
-    assert "--point-weight 0 --difficulty-top 50 --lr 0.0005 --mask-history" in text and "point 0," in text
+    assert "--point-weight 0 --retrieval-hit-weight 2 --difficulty-top 50 --lr 0.0005 --mask-history" in text
+    assert "point 0, retrieval_hit 2" in text
     assert "rollout batch, lr 0.0005," in text
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
@@ -183,6 +185,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         curriculum_cpu.main([*argv0, "--val-users", "100000"])
     for bad in (
         ["--point-weight", "-1"],
+        ["--retrieval-hit-weight", "-1"],
         ["--difficulty-top", "0"],
         ["--val-users", "0"],
         ["--lr", "0"],
