@@ -3,10 +3,11 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight``, ``--retrieval-hit-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history`` and the step's
-size (``--steps``, ``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
-``--micro-batch``, ``--micro-batch-tokens`` and ``--share-prefix`` set how a step runs (memory, speed). Only the
-default settings export the bundled adapter unless ``--export`` says where.
+``--point-weight``, ``--retrieval-hit-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history``, the episode's size
+(``--prompt-history``, ``--retrieval-k``) and the step's (``--steps``, ``--users-per-step``) make variants (with
+``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and
+``--share-prefix`` set how a step runs (memory, speed). Only the default settings export the bundled adapter unless
+``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -325,6 +326,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=CPU_ARGS.lr, help=f"stage 2's learning rate (default {CPU_ARGS.lr})")
     ap.add_argument("--steps", type=int, default=STEPS["rec"], help=f"stage 2's steps (default {STEPS['rec']})")
     sizes = {
+        "prompt_history": "history items the prompt shows (warm start, stage 2 and validation alike)",
+        "retrieval_k": "items each call retrieves (warm start, stage 2 and validation alike)",
         "users_per_step": f"users per stage-2 step, {CPU_ARGS.group_size} samples each",
         "rollout_batch": "episodes sampled in lock step",
         "micro_batch": "trajectories per forward/backward pass of the update",
@@ -360,12 +363,13 @@ def main(argv=None) -> None:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
-    for flag in ("steps", "users_per_step", "rollout_batch", "micro_batch"):
+    for flag in ("steps", "prompt_history", "retrieval_k", "users_per_step", "rollout_batch", "micro_batch"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
     if args.micro_batch_tokens < 0:
         ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
-    base = replace(CPU_ARGS, difficulty_top=args.difficulty_top, lr=args.lr, users_per_step=args.users_per_step,
+    base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
+                   difficulty_top=args.difficulty_top, lr=args.lr, users_per_step=args.users_per_step,
                    rollout_batch=args.rollout_batch, micro_batch=args.micro_batch,
                    micro_batch_tokens=args.micro_batch_tokens, share_prefix=args.share_prefix)  # fmt: skip
     warm, steps = CPU_WARM, {**STEPS, "rec": args.steps}

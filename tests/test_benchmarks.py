@@ -157,7 +157,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     argv0 = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(other),
              "--run", str(tmp_path / "run0"), "--point-weight", "0", "--retrieval-hit-weight", "2",
              "--difficulty-top", "50", "--lr", "0.0005", "--mask-history", "--steps", "2",
-             "--micro-batch-tokens", "4000", "--share-prefix"]  # fmt: skip
+             "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
+             "--retrieval-k", "12"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
@@ -165,6 +166,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert not json.loads((out / "settings.json").read_text())["stage"]["share_prefix"]
     assert settings["reward_weights"] == {**STAGES["rec"], "point": 0.0, "retrieval_hit": 2.0}
     assert settings["stage"]["difficulty_top"] == 50
+    assert (settings["stage"]["prompt_history"], settings["stage"]["retrieval_k"]) == (4, 12)
+    assert (settings["warm_start"]["prompt_history"], settings["warm_start"]["retrieval_k"]) == (4, 12)
     assert settings["stage"]["lr"] == 0.0005 and json.loads((out / "settings.json").read_text())["stage"]["lr"] == 2e-4
     assert settings["mask_history"] and not json.loads((out / "settings.json").read_text())["mask_history"]
     text = (other / "README.md").read_text()
@@ -173,6 +176,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert "rollout batch, lr 0.0005," in text
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
+    assert "last 4 history items in the prompt, top-12 items per call" in text
     # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said
     curriculum_cpu.main([*argv0, "--val-users", "2"])
     val = json.loads((other / "validation.json").read_text())
@@ -190,6 +194,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--val-users", "0"],
         ["--lr", "0"],
         ["--steps", "0"],
+        ["--prompt-history", "0"],
+        ["--retrieval-k", "0"],
         ["--users-per-step", "0"],
         ["--micro-batch", "0"],
         ["--micro-batch-tokens", "-1"],
