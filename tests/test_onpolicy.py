@@ -109,6 +109,30 @@ def test_the_clip_binds_when_ratios_move(lm, make_env):
     assert stats["clip_fraction"] > 0.0  # later updates move the ratio past 1 - 0.2 or 1 + 0.28
 
 
+def _mean_policy_logprob(model, rollouts, pad_id) -> np.ndarray:
+    """Per trajectory, the mean log-prob of its policy tokens under ``model`` (temperature 1)."""
+    batch = pad_batch([r.trajectory for r in rollouts], pad_id)
+    with torch.no_grad():
+        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    mask = batch["loss_mask"]
+    return ((lp * mask).sum(1) / mask.sum(1)).numpy()
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_the_update_moves_log_probs_the_way_of_the_advantages(lm, make_env, mini_batches):
+    """The sign of the whole recipe: a small step makes the positive-advantage samples more likely and the negative
+    ones less (first order: sum_i A_i dlogp_i = lr |g|^2 > 0), whatever the micro-batching."""
+    model, tok = lm
+    rollouts = _rollouts(lm, make_env)
+    adv = np.array([1.0, -1.0, 1.0, -1.0])
+    before = _mean_policy_logprob(model, rollouts, tok.pad_token_id)
+    train_step(model, torch.optim.SGD(model.parameters(), lr=1e-2), rollouts, adv,
+               _args(mini_batches=mini_batches), tok.pad_token_id, rng=np.random.default_rng(0))  # fmt: skip
+    change = _mean_policy_logprob(model, rollouts, tok.pad_token_id) - before
+    assert float(adv @ change) > 0
+    assert change[adv > 0].mean() > 0 > change[adv < 0].mean()
+
+
 def test_top_k_training_stays_finite(lm, make_env, tiny_lm_path):
     """With top-k, prompt and inserted tokens outside the top k have log-prob -inf: the update must not turn the
     masked ``-inf - -inf`` into NaN (loss, statistics, weights), with the reference policy's KL too."""
