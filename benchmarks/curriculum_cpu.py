@@ -224,10 +224,12 @@ def signal_text(rows: list[dict], users_per_step: int, group_size: int, weights:
     parts = {c: groups(f"signal_groups_{c}") for c, w in weights.items() if w and f"signal_groups_{c}" in rows[0]}
     by_part = ", ".join(f"{k} {v}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
     hits = round(sum(r["reward_hit"] for r in rows) * users_per_step * group_size)
-    # retrieval_hit is given at the calls; logs before the episode sums had it 0 everywhere, so say nothing of those
+    # retrieval_hit is given at the calls; logs before the episode sums had it 0 everywhere, so say nothing of those;
+    # weighted, the component list above already counts it
     calls = ""
-    if any(r.get("reward_retrieval_hit", 0) > 0 for r in rows) and "signal_groups_retrieval_hit" in rows[0]:
-        calls = (f" The samples' calls differed in retrieving the target (`retrieval_hit`, whatever its weight) "
+    measured = any(r.get("reward_retrieval_hit", 0) > 0 for r in rows) and "signal_groups_retrieval_hit" in rows[0]
+    if measured and not weights.get("retrieval_hit"):
+        calls = (f" The samples' calls differed in retrieving the target (`retrieval_hit`, weight 0 in this run) "
                  f"inside {groups('signal_groups_retrieval_hit')} groups.")  # fmt: skip
     return (
         f"Learning signal: the rewards differed inside {groups('signal_groups')} of the {n} groups (one user's "
