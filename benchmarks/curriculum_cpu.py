@@ -413,7 +413,7 @@ def main(argv=None) -> None:
                            progress=not args.smoke)  # fmt: skip
     after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val))
     val = compare_validation(before, after, base.seed)
-    val["scripted"] = scripted_validation(base, env_kwargs, n_val, ("trm-only", warm.teacher))
+    val["scripted"] = scripted_validation(base, env_kwargs, n_val, ("trm-only", "history-top-category", warm.teacher))
     val["trm"] = trm_line(get_resources(EnvConfig(**base.env_kwargs("rec", env_kwargs))).retriever)
     dest = Path(args.out) if args.out else RESULTS / ("curriculum_cpu" + ("_smoke" if args.smoke else ""))
     dest.mkdir(parents=True, exist_ok=True)
