@@ -4,7 +4,8 @@
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 ``--point-weight``, ``--retrieval-hit-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history``, the episode's size
-(``--prompt-history``, ``--retrieval-k``) and the step's (``--steps``, ``--users-per-step``) make variants (with
+(``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and
+the step's (``--steps``, ``--users-per-step``) make variants (with
 ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and
 ``--share-prefix`` set how a step runs (memory, speed). Only the default settings export the bundled adapter unless
 ``--export`` says where.
@@ -107,16 +108,27 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     return rows
 
 
-def scripted_validation(base: GRPOArgs, env_kwargs: dict | None, n_users: int, names: tuple[str, ...]) -> list[dict]:
-    """NDCG@10 / Recall@10 of scripted agents on the same validation users (the scale the LLM's figures sit on)."""
+def scripted_validation(base: GRPOArgs, env_kwargs: dict | None, n_users: int, names: tuple[str, ...],
+                        llm: dict[str, list[dict]], seed: int) -> list[dict]:  # fmt: skip
+    """NDCG@10 / Recall@10 of scripted agents on the same validation users (the scale the LLM's figures sit on).
+
+    ``llm`` maps ``"before"`` / ``"after"`` to the LLM's validation rows; each agent's row adds the LLM's paired
+    per-user NDCG@10 difference to it with a 95% bootstrap interval (whether the LLM beats ``trm-only``).
+    """
     from agents.baselines import BASELINES
-    from agents.evaluate import summarize
+    from agents.evaluate import paired_difference, summarize
     from agents.runs import validation_records
 
     rows = []
     for name in names:
-        s = summarize(validation_records(BASELINES[name](), base.env_kwargs("rec", env_kwargs), n_users))
-        rows.append({"agent": name, "ndcg@10": s["ndcg@10"], "recall@10": s["recall@10"]})
+        recs = validation_records(BASELINES[name](), base.env_kwargs("rec", env_kwargs), n_users)
+        s = summarize(recs)
+        row = {"agent": name, "ndcg@10": s["ndcg@10"], "recall@10": s["recall@10"]}
+        theirs = {i: r.metrics["ndcg@10"] for i, r in enumerate(recs)}  # the LLM rows' "example" is the same index
+        for when, mine in llm.items():
+            mean, lo, hi, _ = paired_difference({r["example"]: r["ndcg@10"] for r in mine}, theirs, seed)
+            row[f"LLM {when} - agent (95% CI)"] = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        rows.append(row)
     return rows
 
 
@@ -282,7 +294,7 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         protocol["wall clock"] = (f"{timing['seconds'] / 60:.1f} min for this command (warm start, validations, "
                                   f"stage 2; cache at start: {timing['cache_at_start']})")  # fmt: skip
     vcols = ["quantity", "before", "after", "paired difference (95% CI)"]
-    scols = ["agent", "ndcg@10", "recall@10"]
+    scols = ["agent", "ndcg@10", "recall@10", *(k for k in val["scripted"][0] if k.startswith("LLM "))]
     return (
         "# Stage 2 on a CPU (SmolLM2-135M-Instruct + LoRA, embedded ml-100k)\n\n"
         f"Command (written by it; 2-core CPU):\n\n```bash\n{command}\n```\n\n"
@@ -291,7 +303,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"{markdown_table(val['rows'], vcols)}\n\n"
         f"NDCG@10 per user: {val['changed']['better']} better, {val['changed']['worse']} worse, the others "
         "unchanged.\n\n"
-        f"Scripted agents on the same users and episodes:\n\n{markdown_table(val['scripted'], scols)}\n\n"
+        "Scripted agents on the same users and episodes, and the LLM's paired per-user NDCG@10 difference to "
+        f"each:\n\n{markdown_table(val['scripted'], scols)}\n\n"
         f"## Every step\n\n{signal_text(rows, base.users_per_step, base.group_size, weights)}"
         f"{markdown_table(rows, cols)}\n\n![curves](curves.png)\n"
     )
@@ -349,6 +362,18 @@ def main(argv=None) -> None:
         help="the TRM never returns the user's history items (warm start, stage 2 and validation alike)",
     )
     ap.add_argument(
+        "--warmstart-episodes",
+        type=int,
+        default=CPU_WARM.episodes,
+        help=f"teacher transcripts the warm start learns from (default {CPU_WARM.episodes})",
+    )
+    ap.add_argument(
+        "--warmstart-epochs",
+        type=int,
+        default=CPU_WARM.epochs,
+        help=f"passes of the warm start over them (default {CPU_WARM.epochs})",
+    )
+    ap.add_argument(
         "--val-users",
         type=int,
         default=VAL_USERS,
@@ -365,7 +390,9 @@ def main(argv=None) -> None:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
-    for flag in ("steps", "prompt_history", "retrieval_k", "users_per_step", "rollout_batch", "micro_batch"):
+    positive = ("steps", "warmstart_episodes", "warmstart_epochs", "prompt_history", "retrieval_k", "users_per_step",
+                "rollout_batch", "micro_batch")  # fmt: skip
+    for flag in positive:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
     if args.micro_batch_tokens < 0:
@@ -374,7 +401,8 @@ def main(argv=None) -> None:
                    difficulty_top=args.difficulty_top, lr=args.lr, users_per_step=args.users_per_step,
                    rollout_batch=args.rollout_batch, micro_batch=args.micro_batch,
                    micro_batch_tokens=args.micro_batch_tokens, share_prefix=args.share_prefix)  # fmt: skip
-    warm, steps = CPU_WARM, {**STEPS, "rec": args.steps}
+    warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs)
+    steps = {**STEPS, "rec": args.steps}
     n_val = args.val_users
     weights = {**STAGES["rec"], "point": args.point_weight}
     if args.retrieval_hit_weight:
@@ -382,7 +410,7 @@ def main(argv=None) -> None:
     env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
     # only the default run makes the bundled adapter
     default_run = (not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS and steps == STEPS
-                   and not args.mask_history)  # fmt: skip
+                   and warm == CPU_WARM and not args.mask_history)  # fmt: skip
     export = Path(args.export) if args.export else (BUNDLED_ADAPTER if default_run else None)
     if args.model:
         base = replace(base, model=args.model)
@@ -395,7 +423,9 @@ def main(argv=None) -> None:
         small = {"users_per_step": 1, "rollout_batch": 2}
         small = {k: v for k, v in small.items() if getattr(base, k) == getattr(CPU_ARGS, k)}
         base = replace(base, **small, group_size=2, max_new_tokens=8, lora_r=2, dataset="synthetic")
-        warm = replace(warm, episodes=2, epochs=1, batch=2, lora_r=2)
+        sizes = {"episodes": 2, "epochs": 1}
+        sizes = {k: v for k, v in sizes.items() if getattr(warm, k) == getattr(CPU_WARM, k)}
+        warm = replace(warm, **sizes, batch=2, lora_r=2)
         steps = {"coldstart": 0, "rec": 1 if steps == STEPS else steps["rec"]}
         n_val = 3 if n_val == VAL_USERS else n_val
         env_kwargs["trm"] = TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)
@@ -413,7 +443,8 @@ def main(argv=None) -> None:
                            progress=not args.smoke)  # fmt: skip
     after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val))
     val = compare_validation(before, after, base.seed)
-    val["scripted"] = scripted_validation(base, env_kwargs, n_val, ("trm-only", "history-top-category", warm.teacher))
+    names = ("trm-only", "history-top-category", warm.teacher)
+    val["scripted"] = scripted_validation(base, env_kwargs, n_val, names, {"before": before, "after": after}, base.seed)
     val["trm"] = trm_line(get_resources(EnvConfig(**base.env_kwargs("rec", env_kwargs))).retriever)
     dest = Path(args.out) if args.out else RESULTS / ("curriculum_cpu" + ("_smoke" if args.smoke else ""))
     dest.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,10 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     val = json.loads((out / "validation.json").read_text())
     assert val["users"] == len(val["before"]) == len(val["after"]) == 3
     assert "over 3 users" in text  # the paired interval
+    trm_only = next(r for r in val["scripted"] if r["agent"] == "trm-only")
+    vs = float(trm_only["LLM after - agent (95% CI)"].split()[0])  # the LLM's paired difference to trm-only
+    assert vs == pytest.approx(np.mean([r["ndcg@10"] for r in val["after"]]) - trm_only["ndcg@10"], abs=1e-4)
+    assert "| agent | ndcg@10 | recall@10 | LLM before - agent (95% CI) | LLM after - agent (95% CI) |" in text
     changed = val["changed"]
     assert f"NDCG@10 per user: {changed['better']} better, {changed['worse']} worse" in text
     assert val["trm"].startswith("weights ") and f"- trm: {val['trm']}" in text  # which TRM the run had
@@ -158,7 +162,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
              "--run", str(tmp_path / "run0"), "--point-weight", "0", "--retrieval-hit-weight", "2",
              "--difficulty-top", "50", "--lr", "0.0005", "--mask-history", "--steps", "2",
              "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
-             "--retrieval-k", "12"]  # fmt: skip
+             "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
@@ -168,6 +172,11 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert settings["stage"]["difficulty_top"] == 50
     assert (settings["stage"]["prompt_history"], settings["stage"]["retrieval_k"]) == (4, 12)
     assert (settings["warm_start"]["prompt_history"], settings["warm_start"]["retrieval_k"]) == (4, 12)
+    assert (settings["warm_start"]["episodes"], settings["warm_start"]["epochs"]) == (3, 2)
+    demos = json.loads((tmp_path / "run0" / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
+    assert len((other / "warmstart.jsonl").read_text().splitlines()) == 2 * -(-demos["demonstrations"] // 2)
+    smoke_warm = json.loads((out / "settings.json").read_text())["warm_start"]
+    assert (smoke_warm["episodes"], smoke_warm["epochs"]) == (2, 1)
     assert settings["stage"]["lr"] == 0.0005 and json.loads((out / "settings.json").read_text())["stage"]["lr"] == 2e-4
     assert settings["mask_history"] and not json.loads((out / "settings.json").read_text())["mask_history"]
     text = (other / "README.md").read_text()
@@ -194,6 +203,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--val-users", "0"],
         ["--lr", "0"],
         ["--steps", "0"],
+        ["--warmstart-episodes", "0"],
+        ["--warmstart-epochs", "0"],
         ["--prompt-history", "0"],
         ["--retrieval-k", "0"],
         ["--users-per-step", "0"],
