@@ -164,7 +164,9 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
 
     Every optimiser step is checkpointed with its log line, so a killed warm start resumes at the step in
     flight with the numbers of an uninterrupted run (the demonstrations and the shuffles are replayed from
-    the seed). A finished checkpoint (``trainer_state.json`` with ``"done": true``) is reused, so re-running
+    the seed), and the finished state's ``seconds`` adds the logged time of the steps a killed process completed
+    to the finishing process's wall time (the killed process's loading and recording are not in it). A finished
+    checkpoint (``trainer_state.json`` with ``"done": true``) is reused, so re-running
     a curriculum does not repeat the warm start.
     """
     from tqdm.auto import tqdm
@@ -180,7 +182,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
         return ckpt
     out.mkdir(parents=True, exist_ok=True)
     start, history, resume_from = run_state(out)
-    t0 = time.perf_counter()
+    t0, earlier = time.perf_counter(), sum(h["seconds"] for h in history)  # steps a killed process completed
     model, tok = load_causal_lm(str(resume_from or args.model), device=args.device, dtype=args.dtype,
                                 trainable_adapter=True)  # fmt: skip
     if args.lora_r > 0:
@@ -242,7 +244,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
         "teacher_calls_mean": float(np.mean([r.calls for r in recs])),
         "teacher_ndcg@10": float(np.mean([r.metrics["ndcg@10"] for r in recs])),
         "mean_tokens": float(np.mean([len(t.ids) for t in trajs])),
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0 + earlier,  # resumed: plus the earlier process's logged steps
     }
     save_checkpoint(ckpt, model, tok, optimizer, step, args, extra=summary)  # "done" lands with the weights
     return ckpt

@@ -183,7 +183,12 @@ def test_sft_resumes_at_the_step_in_flight(sabotage, tmp_path, tiny_lm_path, env
         train_sft(_sft_args(run, tiny_lm_path), env_kwargs, progress=False)
 
     assert _in_child(killed) == -signal.SIGKILL
-    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    state_file = run / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
     assert state["step"] >= 1 and not state.get("done")  # completed steps survive the kill
+    # as if the killed process's steps had been slow: the finished warm start's time counts them
+    state["log"] = [{**h, "seconds": 1000.0} for h in state["log"]]
+    state_file.write_text(json.dumps(state))
     assert _in_child(lambda: train_sft(_sft_args(run, tiny_lm_path), env_kwargs, progress=False)) == 0
     _assert_same(_log(run), _log(ref))
+    assert json.loads(state_file.read_text())["seconds"] >= 1000.0 * state["step"]
