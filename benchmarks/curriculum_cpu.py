@@ -270,7 +270,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"{state['teacher_ndcg@10']:.3f} on them; {state['mean_tokens']:.0f} tokens each), {warm.epochs} epochs, "
         f"batch {warm.batch}, lr {warm.lr}, {state['seconds']:.0f} s",
         "stage 1": "skipped" if not steps["coldstart"] else f"coldstart, {steps['coldstart']} steps",
-        "stage 2": f"rec rewards weighted {weights_text(weights)}, {steps['rec']} steps from the warm start, "
+        "stage 2": f"rec rewards weighted {weights_text(weights)}, {steps['rec']} step{'s' * (steps['rec'] != 1)} "
+        "from the warm start, "
         f"the second half of the training users whose target is in the TRM's top-{base.difficulty_top}",
         "per step": f"{base.users_per_step} users x {base.group_size} samples, {base.mini_batches} optimiser steps per "
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
