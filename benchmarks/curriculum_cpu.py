@@ -4,11 +4,10 @@
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 ``--point-weight``, ``--retrieval-hit-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history``, the episode's size
-(``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and
-the step's (``--steps``, ``--users-per-step``) make variants (with
-``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and
-``--share-prefix`` set how a step runs (memory, speed). Only the default settings export the bundled adapter unless
-``--export`` says where.
+(``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the
+step's (``--steps``, ``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own);
+``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and ``--share-prefix`` set how a step runs (memory,
+speed). Only the default settings export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
