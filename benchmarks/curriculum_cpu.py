@@ -42,6 +42,7 @@ from agents.evaluate import trm_line
 from agents.grpo import GRPOArgs
 from agents.llm import BUNDLED_ADAPTER
 from agents.rollout import episode_settings
+from agents.runs import recover_checkpoint, run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 from deeprec_env.env import EnvConfig, get_resources
@@ -439,6 +440,12 @@ def main(argv=None) -> None:
                    out=str(run / "warmstart"))  # fmt: skip
     warm_ckpt = train_sft(warm, env_kwargs, progress=not args.smoke)
     before = validation(warm_ckpt, base, env_kwargs, n_val, validation_file(run, "before", n_val))
+    # an "after" validation is of the checkpoint after all the stage's steps: one cached when fewer were done (the
+    # run is continued with a larger --steps) is stale
+    recover_checkpoint(run / "rec" / "checkpoint")
+    if run_state(run / "rec")[0] < steps["rec"]:
+        for stale in run.glob("val_after*.jsonl"):
+            stale.unlink()
     final = run_curriculum(replace(base, model=str(warm_ckpt)), steps["coldstart"], steps["rec"], env_kwargs,
                            progress=not args.smoke)  # fmt: skip
     after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val))
