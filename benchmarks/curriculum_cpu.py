@@ -21,7 +21,7 @@ speed). Only the default settings export the bundled adapter unless ``--export``
 Writes ``benchmarks/results/curriculum_cpu/`` (``log.jsonl``, ``warmstart.jsonl``, ``validation.json``,
 ``curves.png``, ``settings.json`` and ``README.md``) and copies the final adapter to ``--export`` (the full
 run: ``agents/adapters/smollm2-deeprec``, the ``llm (DeepRec-trained)`` row of ``make demo``). Re-running
-resumes the run folder.
+resumes the run folder; a larger ``--steps`` continues stage 2 and validates the new checkpoint.
 """
 
 from __future__ import annotations
