@@ -311,6 +311,11 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
     )
 
 
+def unset(sizes: dict, settings, defaults) -> dict:
+    """The entries of ``sizes`` whose field ``settings`` holds at its value in ``defaults`` (no flag set it)."""
+    return {k: v for k, v in sizes.items() if getattr(settings, k) == getattr(defaults, k)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/curriculum_cpu)")
@@ -421,12 +426,9 @@ def main(argv=None) -> None:
         from deeprec_env.trm import TRMConfig
 
         # smoke sizes, where the flags left the CPU run's
-        small = {"users_per_step": 1, "rollout_batch": 2}
-        small = {k: v for k, v in small.items() if getattr(base, k) == getattr(CPU_ARGS, k)}
+        small = unset({"users_per_step": 1, "rollout_batch": 2}, base, CPU_ARGS)
         base = replace(base, **small, group_size=2, max_new_tokens=8, lora_r=2, dataset="synthetic")
-        sizes = {"episodes": 2, "epochs": 1}
-        sizes = {k: v for k, v in sizes.items() if getattr(warm, k) == getattr(CPU_WARM, k)}
-        warm = replace(warm, **sizes, batch=2, lora_r=2)
+        warm = replace(warm, **unset({"episodes": 2, "epochs": 1}, warm, CPU_WARM), batch=2, lora_r=2)
         steps = {"coldstart": 0, "rec": 1 if steps == STEPS else steps["rec"]}
         n_val = 3 if n_val == VAL_USERS else n_val
         env_kwargs["trm"] = TRMConfig(d_model=16, ffn_dim=32, max_len=12, max_epochs=2, batch_size=32)
