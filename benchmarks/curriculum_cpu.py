@@ -3,11 +3,11 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight``, ``--retrieval-hit-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history``, the episode's size
-(``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the
-step's (``--steps``, ``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own);
-``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and ``--share-prefix`` set how a step runs (memory,
-speed). Only the default settings export the bundled adapter unless ``--export`` says where.
+``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history``,
+the episode's size (``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``,
+``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make variants (with ``--run`` and ``--out``
+of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and ``--share-prefix`` set how a
+step runs (memory, speed). Only the default settings export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -338,6 +338,13 @@ def main(argv=None) -> None:
         "target (default 0: the reference's stage 2 has none; docs/design.md)",
     )
     ap.add_argument(
+        "--wasted-weight",
+        type=float,
+        default=0.0,
+        help="weight of the outcome reward wasted in stage 2, minus the share of answer lines that name no item, a "
+        "repeat or a history item (default 0: the reference's stage 2 has none; docs/design.md)",
+    )
+    ap.add_argument(
         "--difficulty-top",
         type=int,
         default=CPU_ARGS.difficulty_top,
@@ -392,6 +399,8 @@ def main(argv=None) -> None:
         ap.error(f"--point-weight {args.point_weight}; must be >= 0")
     if not args.retrieval_hit_weight >= 0:
         ap.error(f"--retrieval-hit-weight {args.retrieval_hit_weight}; must be >= 0")
+    if not args.wasted_weight >= 0:
+        ap.error(f"--wasted-weight {args.wasted_weight}; must be >= 0")
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
@@ -413,6 +422,8 @@ def main(argv=None) -> None:
     weights = {**STAGES["rec"], "point": args.point_weight}
     if args.retrieval_hit_weight:
         weights["retrieval_hit"] = args.retrieval_hit_weight
+    if args.wasted_weight:
+        weights["wasted"] = args.wasted_weight
     env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
     # only the default run makes the bundled adapter
     default_run = (not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS and steps == STEPS

@@ -42,6 +42,7 @@ from deeprec_env.rewards import (
     rank_reward,
     retrieval_hit_reward,
     stage_weights,
+    wasted_reward,
 )
 from deeprec_env.spaces import SharedText
 from deeprec_env.threads import limit_threads
@@ -273,6 +274,7 @@ class DeepRecEnv(gym.Env[str, str]):
     | hit | rec | {0, 1} | episode end, format = 0, an answer line names the target |
     | rank | rec | [0, 2] | episode end, format = 0, 0.2 * (10 - i) for the first line i naming the target |
     | point | rec | [-10, 10] | episode end, format = 0, 10 * weighted mean similarity of answer and target |
+    | wasted | off | [-1, 0] | episode end, format = 0, - share of lines naming no item, a repeat or a seen item |
 
     ## Starting State
 
@@ -629,6 +631,7 @@ class DeepRecEnv(gym.Env[str, str]):
         comps["hit"] = hit_reward(ep)
         comps["rank"] = rank_reward(ep, k=cfg.answer_k)
         comps["point"] = point_reward(ep, self.res.text_emb, self.res.item_vecs, repeats=cfg.point_repeats)
+        comps["wasted"] = wasted_reward(ep, self._full_history)
         info = self._step_info(act, comps)
         valid_ids = [i for i in ep.answer_ids if i is not None]
         # The target's rank is its answer line: every line holds its position, grounded or not, repeated or

@@ -1,7 +1,7 @@
 """Hierarchical rewards (``docs/design.md``): one pure function per named component.
 
 Process level: ``format``, ``invocation``, ``diversity`` and our optional ``retrieval_hit``.
-Outcome level (only when ``format`` is 0): ``hit``, ``rank`` and ``point``.
+Outcome level (only when ``format`` is 0): ``hit``, ``rank``, ``point`` and our optional ``wasted``.
 A stage is a dict of weights keyed by component name; the environment returns every unweighted
 component and ``reward = sum(weights[c] * components[c])``.
 """
@@ -14,14 +14,16 @@ import numpy as np
 
 from deeprec_env.protocol import Episode
 
-COMPONENTS: tuple[str, ...] = ("format", "invocation", "diversity", "retrieval_hit", "hit", "rank", "point")
+COMPONENTS: tuple[str, ...] = (
+    "format", "invocation", "diversity", "retrieval_hit", "hit", "rank", "point", "wasted"
+)  # fmt: skip
 """Every reward component, in the order the environment reports them."""
 
 STAGES: dict[str, dict[str, float]] = {
     "coldstart": {"format": 1.0, "invocation": 1.0, "diversity": 1.0},
     "rec": {"format": 1.0, "hit": 1.0, "rank": 1.0, "point": 1.0},
 }
-"""Stage weights of the reference; components not listed have weight 0 (``retrieval_hit`` is off)."""
+"""Stage weights of the reference; components not listed have weight 0 (``retrieval_hit`` and ``wasted`` are off)."""
 
 
 def stage_weights(stage: str | None = None, weights: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -142,3 +144,27 @@ def point_reward(
             named.add(item)
             sims[i] = item_similarity(text_emb, item_vecs, item, ep.target)
     return float(scale * (w @ sims) / w.sum())
+
+
+def wasted_reward(ep: Episode, history) -> float:
+    """Minus the share of answer lines that cannot name the target, when ``format`` is 0.
+
+    A line is wasted when it names no item, repeats an earlier line's item, or names an item of the user's
+    ``history`` (their items before the target; a line naming the target is never wasted). ``hit`` and
+    ``rank`` price a wasted slot only when the target would have filled it; this prices every one.
+
+    >>> ep = Episode(user=0, target=5, history=np.zeros(0), answer_ids=[5, 3, 3, None, 7])
+    >>> wasted_reward(ep, history=[7, 5])
+    -0.6
+    """
+    n = len(ep.answer_ids)
+    if ep.format_errors or n == 0:
+        return 0.0
+    seen = set(np.asarray(history).tolist()) - {ep.target}
+    named: set[int] = set()
+    wasted = 0
+    for item in ep.answer_ids:
+        wasted += item is None or item in named or item in seen
+        if item is not None:
+            named.add(item)
+    return -wasted / n

@@ -260,6 +260,26 @@ def test_counts_and_substring_match(make_env):
     assert info["hallucinated"] == 1 and info["duplicates"] >= 1 and info["seen"] >= 2
 
 
+def test_wasted_counts_lines_that_cannot_hit(make_env):
+    env = make_env(reward_weights={"wasted": 2.0})
+    env.reset(options={"example": 2})
+    target, cat = env.episode.target, env.catalog
+    history = set(env.split.history(2, 10**9).tolist())
+    fresh = [
+        cat.titles[i] for i in range(1, cat.num_embeddings) if i not in history and cat.titles[i] != cat.titles[target]
+    ]
+    seen_title = cat.titles[max(history)]
+    env.step("Drama fan. " + CALL.format("drama"))
+    # target, 6 fresh items, then a made-up title, a history item and a repeat: 3 of 10 lines wasted
+    lines = [cat.titles[target], *fresh[:6], "Totally Invented Film 3000", seen_title, fresh[0]]
+    _, r, _, _, info = env.step(answer_segment(lines))
+    assert info["reward_components"]["wasted"] == pytest.approx(-0.3) and r == pytest.approx(-0.6)
+    env.reset(options={"example": 2})
+    env.step("Drama fan. " + CALL.format("drama"))
+    _, r, _, _, info = env.step(answer_segment(lines[:9]))  # format fails: no outcome reward, wasted included
+    assert info["reward_components"]["wasted"] == 0.0 and r == 0.0
+
+
 def test_render_and_chat_prompt(make_env):
     env = make_env(render_mode="ansi", prompt="chat")
     obs, info = env.reset(seed=0)
