@@ -102,7 +102,8 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     recs = validation_records(policy, base.env_kwargs("rec", env_kwargs), n_users, batch_size=VAL_BATCH)
     rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
              "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward,
-             "retrieved_rank": r.retrieved_rank, "from_retrieved": r.from_retrieved}
+             "components": dict(r.episode_reward_components), "retrieved_rank": r.retrieved_rank,
+             "from_retrieved": r.from_retrieved}
             for i, r in enumerate(recs)]  # fmt: skip
     cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -152,15 +153,25 @@ def with_call_order(rows: list[dict]) -> list[dict]:
             if "retrieved_rank" in r else r for r in rows]  # fmt: skip
 
 
-def compare_validation(before: list[dict], after: list[dict], seed: int) -> dict:
+def compare_validation(before: list[dict], after: list[dict], seed: int, weights: dict | None = None) -> dict:
     """Means before and after, and the paired per-user NDCG@10 / Recall@10 differences with 95% intervals.
 
     Also NDCG@10 on the users well-formed both times (:data:`WELL_FORMED`). Quantities a cached validation
-    file lacks (written by an older version) are left out.
+    file lacks (written by an older version) are left out. The ``reward`` of both is priced with ``weights``
+    (the run's) from each episode's unweighted components: a cached validation may come from a run with
+    other weights. Without ``weights`` it is each row's own reward.
     """
     from agents.evaluate import paired_difference
 
     before, after = with_call_order(before), with_call_order(after)
+    if weights is not None:
+
+        def priced(r: dict) -> dict:  # a row cached without its components has no reward under ``weights``
+            if "components" not in r:
+                return {k: v for k, v in r.items() if k != "reward"}
+            return {**r, "reward": sum(w * r["components"].get(c, 0.0) for c, w in weights.items())}
+
+        before, after = [priced(r) for r in before], [priced(r) for r in after]
     keys = {
         "ndcg@10": "ndcg@10",
         "recall@10": "recall@10",
@@ -462,7 +473,7 @@ def main(argv=None) -> None:
     final = run_curriculum(replace(base, model=str(warm_ckpt)), steps["coldstart"], steps["rec"], env_kwargs,
                            progress=not args.smoke)  # fmt: skip
     after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val))
-    val = compare_validation(before, after, base.seed)
+    val = compare_validation(before, after, base.seed, weights)
     names = ("trm-only", "history-top-category", warm.teacher)
     val["scripted"] = scripted_validation(base, env_kwargs, n_val, names, {"before": before, "after": after}, base.seed)
     val["trm"] = trm_line(get_resources(EnvConfig(**base.env_kwargs("rec", env_kwargs))).retriever)

@@ -245,6 +245,13 @@ def test_curriculum_validation_separates_format_from_ranking():
         "paired difference (95% CI)"]  # fmt: skip
     assert "answer lines repeating an item" not in val  # an older cached file without the count: left out
     assert CALL_ORDER not in val  # nor the retrieval diagnostics
+    assert val["reward"]["before"] == 0.0  # without weights: each row's own reward
+    for r, fail in zip(before + after, [1, 0, 1, 0, 0, 0, 1, 0], strict=True):
+        r["components"] = {"format": -float(fail), "wasted": -0.5}
+    priced = {r["quantity"]: r for r in compare_validation(before, after, 0, {"format": 1.0, "wasted": 2.0})["rows"]}
+    assert (priced["reward"]["before"], priced["reward"]["after"]) == (-1.5, -1.25)  # under the run's weights
+    del before[0]["components"]  # a cached validation without them: its reward is not priced, the row is left out
+    assert "reward" not in {r["quantity"] for r in compare_validation(before, after, 0, {"format": 1.0})["rows"]}
 
 
 def test_curriculum_validation_separates_retrieval_from_ordering():
