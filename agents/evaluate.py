@@ -203,6 +203,11 @@ def paired_difference(a: dict, b: dict, seed: int = 0, n: int = 2000) -> tuple[f
     return float(d.mean()), float(lo), float(hi), len(d)
 
 
+def interval_text(mean: float, lo: float, hi: float) -> str:
+    """``+0.0123 [+0.0040, +0.0210]``: a difference and its interval, as every table prints them."""
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def compare(summary: dict, reference: dict, seed: int = 0, n: int = 2000) -> str:
     """Whether ``summary``'s agent beats ``reference``'s on NDCG@10, paired on the episodes both played.
 
@@ -214,7 +219,7 @@ def compare(summary: dict, reference: dict, seed: int = 0, n: int = 2000) -> str
         return "-"
     mean, lo, hi, _ = paired_difference(a, b, seed, n)
     verdict = "yes" if lo > 0 else "no" if hi < 0 else "tie"
-    return f"{verdict}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"{verdict}: {interval_text(mean, lo, hi)}"
 
 
 def _plain(x):

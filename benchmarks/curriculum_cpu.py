@@ -117,7 +117,7 @@ def scripted_validation(base: GRPOArgs, env_kwargs: dict | None, n_users: int, n
     per-user NDCG@10 difference to it with a 95% bootstrap interval (whether the LLM beats ``trm-only``).
     """
     from agents.baselines import BASELINES
-    from agents.evaluate import paired_difference, summarize
+    from agents.evaluate import interval_text, paired_difference, summarize
     from agents.runs import validation_records
 
     rows = []
@@ -128,7 +128,7 @@ def scripted_validation(base: GRPOArgs, env_kwargs: dict | None, n_users: int, n
         theirs = {i: r.metrics["ndcg@10"] for i, r in enumerate(recs)}  # the LLM rows' "example" is the same index
         for when, mine in llm.items():
             mean, lo, hi, _ = paired_difference({r["example"]: r["ndcg@10"] for r in mine}, theirs, seed)
-            row[f"LLM {when} - agent (95% CI)"] = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            row[f"LLM {when} - agent (95% CI)"] = interval_text(mean, lo, hi)
         rows.append(row)
     return rows
 
@@ -161,7 +161,7 @@ def compare_validation(before: list[dict], after: list[dict], seed: int, weights
     (the run's) from each episode's unweighted components: a cached validation may come from a run with
     other weights. Without ``weights`` it is each row's own reward.
     """
-    from agents.evaluate import paired_difference
+    from agents.evaluate import interval_text, paired_difference
 
     before, after = with_call_order(before), with_call_order(after)
     if weights is not None:
@@ -199,7 +199,7 @@ def compare_validation(before: list[dict], after: list[dict], seed: int, weights
             kept = [r for r in after if users is None or r["example"] in users]
             mean, lo, hi, n = paired_difference({r["example"]: r[k] for r in kept},
                                                 {r["example"]: r[k] for r in before}, seed)  # fmt: skip
-            row["paired difference (95% CI)"] = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] over {n} users"
+            row["paired difference (95% CI)"] = f"{interval_text(mean, lo, hi)} over {n} users"
     by_user = {r["example"]: r["ndcg@10"] for r in before}
     moved = [r["ndcg@10"] - by_user[r["example"]] for r in after if r["example"] in by_user]
     changed = {"better": sum(d > 0 for d in moved), "worse": sum(d < 0 for d in moved)}
