@@ -207,6 +207,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     for bad in (
         ["--point-weight", "-1"],
         ["--retrieval-hit-weight", "-1"],
+        ["--wasted-weight", "-1"],
+        ["--wasted-weight", "nan"],
         ["--difficulty-top", "0"],
         ["--val-users", "0"],
         ["--lr", "0"],
