@@ -26,7 +26,7 @@ import torch
 from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
 from agents.runs import (
     _deepspeed,
-    memory_gb,
+    memory_gib,
     plot_curves,
     recover_checkpoint,
     run_state,
@@ -418,7 +418,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             policy.model.eval()
             entry.update(validate(policy, env_kwargs, args.val_users, resources))
-        entry.update(seconds=time.perf_counter() - t0, **memory_gb())
+        entry.update(seconds=time.perf_counter() - t0, **memory_gib())
         history.append(entry)
         # The step's log line commits with its checkpoint: a kill before this loses the step in flight only.
         save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, accelerator, extra={"log": history})

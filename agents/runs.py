@@ -1,7 +1,7 @@
 """What a training run leaves behind, shared by the RL stages and the warm start.
 
 Checkpoints (:func:`save_checkpoint`, :func:`recover_checkpoint`), the run's log (:func:`read_log`,
-:func:`write_log`, :func:`memory_gb`), greedy validation on fixed users (:func:`validate`) and the curves
+:func:`write_log`, :func:`memory_gib`), greedy validation on fixed users (:func:`validate`) and the curves
 (:func:`plot_curves`).
 A log line is committed inside its step's checkpoint (``trainer_state.json["log"]``), so a killed run loses
 at most the step in flight (``docs/design.md``, "Bad input, caches and kills").
@@ -90,23 +90,23 @@ def recover_checkpoint(path: Path) -> None:
     shutil.rmtree(path.with_name(f".{path.name}.tmp"), ignore_errors=True)
 
 
-def memory_gb() -> dict[str, float | None]:
-    """This process's resident memory now (``rss_gb``) and its peak since it started (``peak_rss_gb``), in GB.
+def memory_gib() -> dict[str, float | None]:
+    """This process's resident memory now (``rss_gib``) and its peak since it started (``peak_rss_gib``), in GiB.
 
     For the log line of a step: a long CPU run's memory can grow from step to step (``docs/training.md``). None
     where the platform does not tell (``/proc`` is Linux's; ``resource`` is missing on Windows).
     """
-    out: dict[str, float | None] = {"rss_gb": None, "peak_rss_gb": None}
+    out: dict[str, float | None] = {"rss_gib": None, "peak_rss_gib": None}
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
-        out["rss_gb"] = pages * os.sysconf("SC_PAGE_SIZE") / 1e9
+        out["rss_gib"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (OSError, ValueError, IndexError, AttributeError):
         pass
     try:
         import resource
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-        out["peak_rss_gb"] = peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["peak_rss_gib"] = peak / 2**30 if sys.platform == "darwin" else peak / 2**20
     except ImportError:
         pass
     return out

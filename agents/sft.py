@@ -172,7 +172,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     from tqdm.auto import tqdm
 
     from agents.llm import add_lora, load_causal_lm
-    from agents.runs import memory_gb, recover_checkpoint, run_state, save_checkpoint, write_log
+    from agents.runs import memory_gib, recover_checkpoint, run_state, save_checkpoint, write_log
 
     out = Path(args.out)
     ckpt = out / "checkpoint"
@@ -228,7 +228,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
             optimizer.step()
             history.append({"step": step, "epoch": epoch, "loss": loss_sum / max(total, 1), "grad_norm": grad_norm,
                             "policy_tokens": int(total), "seconds": time.perf_counter() - ts,
-                            **memory_gb()})  # fmt: skip
+                            **memory_gib()})  # fmt: skip
             step += 1
             # the log line commits with the step's checkpoint: a kill loses at most the step in flight
             save_checkpoint(ckpt, model, tok, optimizer, step, args, extra={"log": history})

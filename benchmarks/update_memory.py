@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 from unittest.mock import patch
 
 from benchmarks.common import markdown_table, publish
 
 
 def _rss_gb() -> float:
-    """This process's peak resident memory so far, in GB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak resident memory so far, in GiB (the tables' "GB")."""
+    from agents.runs import memory_gib  # in the measured process, after its own imports
+
+    return memory_gib()["peak_rss_gib"]
 
 
 def _one(model_name: str, lora_r: int, rows: int, tokens: int, last: int, temperature: float, queue) -> None:

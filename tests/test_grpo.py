@@ -84,7 +84,7 @@ def test_one_step_per_stage_changes_weights(tmp_path, tiny_lm_path, env_kwargs, 
     # every episode failed alike: no group carries a signal (the advantages above are patched in)
     assert log[0]["signal_groups"] == 0.0 and log[0]["signal_groups_format"] == 0.0
     if sys.platform == "linux":  # the process's memory: resident at the step's end, at most its peak so far
-        assert 0.0 < log[0]["rss_gb"] <= log[0]["peak_rss_gb"] + 1e-3
+        assert 0.0 < log[0]["rss_gib"] <= log[0]["peak_rss_gib"] + 1e-3
     after, _ = load_causal_lm(str(ckpt))
     changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True)]
     assert any(changed)

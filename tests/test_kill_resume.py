@@ -45,7 +45,7 @@ def _run(out, lm, env_kwargs, sabotage=None):
 def _log(out):
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     for r in rows:
-        for measured in ("seconds", "rss_gb", "peak_rss_gb"):
+        for measured in ("seconds", "rss_gib", "peak_rss_gib"):
             r.pop(measured)
     return rows
 
