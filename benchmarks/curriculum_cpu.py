@@ -46,7 +46,7 @@ from agents.runs import recover_checkpoint, run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 from deeprec_env.env import EnvConfig, get_resources
-from deeprec_env.rewards import STAGES
+from deeprec_env.rewards import STAGES, weighted_reward
 
 CPU_ARGS = GRPOArgs(users_per_step=2, group_size=4, rollout_batch=8, micro_batch=2, prompt_history=5,
                     retrieval_k=10, lr=2e-4, lora_r=8, mini_batches=2, val_users=0, temperature=0.7,
@@ -169,7 +169,7 @@ def compare_validation(before: list[dict], after: list[dict], seed: int, weights
         def priced(r: dict) -> dict:  # a row cached without its components has no reward under ``weights``
             if "components" not in r:
                 return {k: v for k, v in r.items() if k != "reward"}
-            return {**r, "reward": sum(w * r["components"].get(c, 0.0) for c, w in weights.items())}
+            return {**r, "reward": weighted_reward(weights, r["components"])}
 
         before, after = [priced(r) for r in before], [priced(r) for r in after]
     keys = {

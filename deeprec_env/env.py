@@ -43,6 +43,7 @@ from deeprec_env.rewards import (
     retrieval_hit_reward,
     stage_weights,
     wasted_reward,
+    weighted_reward,
 )
 from deeprec_env.spaces import SharedText
 from deeprec_env.threads import limit_threads
@@ -583,7 +584,7 @@ class DeepRecEnv(gym.Env[str, str]):
     # ------------------------------------------------------------------------------------------
 
     def _weighted(self, comps: dict[str, float]) -> float:
-        return float(sum(self.weights[c] * v for c, v in comps.items()))
+        return weighted_reward(self.weights, comps)
 
     def _step_info(self, act: Action, comps: dict[str, float]) -> dict:
         """The step's info; called once per step, it also adds ``comps`` to the episode's totals."""

@@ -38,6 +38,15 @@ def stage_weights(stage: str | None = None, weights: Mapping[str, float] | None 
     return {c: float(weights.get(c, 0.0)) for c in COMPONENTS}
 
 
+def weighted_reward(weights: Mapping[str, float], components: Mapping[str, float]) -> float:
+    """``sum(weights[c] * components[c])``; a component ``components`` lacks counts 0.
+
+    >>> weighted_reward({"hit": 1.0, "wasted": 2.0}, {"hit": 1.0, "wasted": -0.3, "point": 5.0})
+    0.4
+    """
+    return float(sum(w * components.get(c, 0.0) for c, w in weights.items()))
+
+
 def format_reward(ep: Episode) -> float:
     """0 when the whole response passes every format check (``ep.format_errors`` empty), else -1.
 
