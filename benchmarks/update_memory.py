@@ -23,8 +23,8 @@ from unittest.mock import patch
 from benchmarks.common import markdown_table, publish
 
 
-def _rss_gb() -> float:
-    """This process's peak resident memory so far, in GiB (the tables' "GB")."""
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB."""
     from agents.runs import memory_gib  # in the measured process, after its own imports
 
     return memory_gib()["peak_rss_gib"]
@@ -40,19 +40,19 @@ def _one(model_name: str, lora_r: int, rows: int, tokens: int, last: int, temper
     if lora_r:
         model = add_lora(model, lora_r)
     model.train()
-    loaded = _rss_gb()
+    loaded = _peak_rss_gib()
     ids = torch.randint(0, len(tok), (rows, tokens), generator=torch.Generator().manual_seed(0))
     needed = torch.zeros_like(ids)
     needed[:, tokens - (last or tokens) :] = 1
     lp = token_logprobs(model, ids, torch.ones_like(ids), temperature=temperature, needed=needed if last else None)
     (lp * needed).sum().backward()
-    queue.put((loaded, _rss_gb()))
+    queue.put((loaded, _peak_rss_gib()))
 
 
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 """glibc allocator settings of the measuring processes: every block of 64 KiB or more is mapped on its own and
 returned to the system when freed, so the peak resident memory follows the memory in use. With glibc's defaults
-(an adaptive threshold, freed blocks kept in the heap) the same 2 x 1,100 pass peaked anywhere from 4.6 to 6.9 GB
+(an adaptive threshold, freed blocks kept in the heap) the same 2 x 1,100 pass peaked anywhere from 4.6 to 6.9 GiB
 from run to run on this CPU, more than the difference this benchmark measures."""
 
 
@@ -74,8 +74,8 @@ def measure(model: str, lora_r: int, shapes: list[tuple[int, int, int]], tempera
             loaded, peak = queue.get()
             positions = rows * tokens
             out.append({"rows": rows, "tokens": tokens, "positions": positions,
-                        "logits per row": f"last {last}" if last else "all", "GB after loading": loaded,
-                        "GB peak": peak, "GB per 1,000 positions": (peak - loaded) / positions * 1000})  # fmt: skip
+                        "logits per row": f"last {last}" if last else "all", "GiB after loading": loaded,
+                        "GiB peak": peak, "GiB per 1,000 positions": (peak - loaded) / positions * 1000})  # fmt: skip
             print(out[-1], flush=True)
     return out
 

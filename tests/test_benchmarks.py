@@ -429,7 +429,7 @@ def test_update_memory_smoke(tmp_path, tiny_lm_path):
                         "--out", str(tmp_path)])  # fmt: skip
     rows = json.loads((tmp_path / "update_memory_smoke.json").read_text())["rows"]
     assert [(r["rows"], r["positions"], r["logits per row"]) for r in rows] == [(1, 16, "all"), (2, 64, "last 8")]
-    assert all(r["GB peak"] >= r["GB after loading"] > 0 for r in rows)
+    assert all(r["GiB peak"] >= r["GiB after loading"] > 0 for r in rows)
     protocol = json.loads((tmp_path / "update_memory_smoke.json").read_text())["protocol"]
     assert "MALLOC_MMAP_THRESHOLD_=65536" in protocol["memory"]  # the measuring processes' allocator, said
     assert os.environ.get("MALLOC_MMAP_THRESHOLD_") == before  # this process's environment restored
