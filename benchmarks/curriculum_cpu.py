@@ -42,7 +42,7 @@ from agents.evaluate import trm_line
 from agents.grpo import GRPOArgs
 from agents.llm import BUNDLED_ADAPTER
 from agents.rollout import episode_settings
-from agents.runs import recover_checkpoint, run_state
+from agents.runs import run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 from deeprec_env.env import EnvConfig, get_resources
@@ -73,13 +73,15 @@ VAL_BATCH = 64
 """Validation episodes generated together (greedy; more would hold more KV cache than a 24 GiB machine has)."""
 
 
-def validation_file(run: Path, when: str, n_users: int) -> Path:
-    """Cache file of a validation in ``run`` (``when``: ``before`` or ``after``).
+def validation_file(run: Path, when: str, n_users: int, step: int | None = None) -> Path:
+    """Cache file of a validation in ``run`` (``when``: ``before`` or ``after``; ``step``: the stage-2 steps done).
 
     ``val_before.jsonl`` for :data:`VAL_USERS` users, ``val_before_471.jsonl`` for 471: a larger validation of the
-    same checkpoints keeps the first.
+    same checkpoints keeps the first. The "after" of the checkpoint after 7 steps is ``val_after_step7.jsonl``: a run
+    continued with a larger ``--steps`` validates its new checkpoint, and the older file stays.
     """
-    return run / (f"val_{when}.jsonl" if n_users == VAL_USERS else f"val_{when}_{n_users}.jsonl")
+    stem = f"val_{when}" if step is None else f"val_{when}_step{step}"
+    return run / (f"{stem}.jsonl" if n_users == VAL_USERS else f"{stem}_{n_users}.jsonl")
 
 
 def cache_contents() -> str:
@@ -464,15 +466,11 @@ def main(argv=None) -> None:
                    out=str(run / "warmstart"))  # fmt: skip
     warm_ckpt = train_sft(warm, env_kwargs, progress=not args.smoke)
     before = validation(warm_ckpt, base, env_kwargs, n_val, validation_file(run, "before", n_val))
-    # an "after" validation is of the checkpoint after all the stage's steps: one cached when fewer were done (the
-    # run is continued with a larger --steps) is stale
-    recover_checkpoint(run / "rec" / "checkpoint")
-    if run_state(run / "rec")[0] < steps["rec"]:
-        for stale in run.glob("val_after*.jsonl"):
-            stale.unlink()
     final = run_curriculum(replace(base, model=str(warm_ckpt)), steps["coldstart"], steps["rec"], env_kwargs,
                            progress=not args.smoke)  # fmt: skip
-    after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val))
+    # cached per checkpoint: a run continued with a larger --steps validates its new one
+    done = run_state(run / "rec")[0]
+    after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val, done))
     val = compare_validation(before, after, base.seed, weights)
     names = ("trm-only", "history-top-category", warm.teacher)
     val["scripted"] = scripted_validation(base, env_kwargs, n_val, names, {"before": before, "after": after}, base.seed)

@@ -189,19 +189,19 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said
     curriculum_cpu.main([*argv0, "--val-users", "2"])
     val = json.loads((other / "validation.json").read_text())
-    assert val["users"] == len(val["after"]) == 2 and (tmp_path / "run0" / "val_after_2.jsonl").is_file()
-    assert len((tmp_path / "run0" / "val_after_3.jsonl").read_text().splitlines()) == 3
+    assert val["users"] == len(val["after"]) == 2 and (tmp_path / "run0" / "val_after_step2_2.jsonl").is_file()
+    assert len((tmp_path / "run0" / "val_after_step2_3.jsonl").read_text().splitlines()) == 3
     assert val["before"] == [json.loads(x) for x in (tmp_path / "run0" / "val_before_2.jsonl").read_text().splitlines()]
     clock = [x for x in (other / "README.md").read_text().splitlines() if x.startswith("- wall clock: ")]
     assert len(clock) == 1 and "for the run with 3 validation users" in clock[0] and "added the 2-user" in clock[0]
-    # continued with more steps: the cached "after" validation was of the 2-step checkpoint and is redone
-    cached = tmp_path / "run0" / "val_after_3.jsonl"
+    # continued with more steps: the cached "after" validation is of the 2-step checkpoint; the 3-step one gets its own
+    cached = tmp_path / "run0" / "val_after_step2_3.jsonl"
     cached.write_text(json.dumps({**val["after"][0], "ndcg@10": 123.0}) + "\n")  # a marker the rerun must not read
     curriculum_cpu.main([*argv0, "--steps", "3"])
     assert len((other / "log.jsonl").read_text().splitlines()) == 3
     val = json.loads((other / "validation.json").read_text())
     assert len(val["after"]) == 3 and all(r["ndcg@10"] <= 1 for r in val["after"])
-    assert not (tmp_path / "run0" / "val_after_2.jsonl").exists()  # every size's "after" was of the old checkpoint
+    assert (tmp_path / "run0" / "val_after_step3_3.jsonl").is_file() and cached.is_file()
     with pytest.raises(ValueError, match="validation users asked; the validation episodes have 1 to"):
         curriculum_cpu.main([*argv0, "--val-users", "100000"])
     for bad in (
