@@ -326,7 +326,7 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
                 k3 = (torch.exp(log_ratio) - 1 - log_ratio).clamp(max=10.0)
                 kl = (k3 * mask).sum() / max(n_tokens, 1)
                 loss = loss + args.kl_coef * kl
-                stats["kl"] += float(kl)
+                stats["kl"] += float(kl.detach())
             if accelerator is None:
                 loss.backward()
             else:

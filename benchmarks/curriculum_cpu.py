@@ -3,11 +3,12 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``, ``--lr``, ``--mask-history``,
-the episode's size (``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``,
-``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make variants (with ``--run`` and ``--out``
-of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and ``--share-prefix`` set how a
-step runs (memory, speed). Only the default settings export the bundled adapter unless ``--export`` says where.
+``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``, ``--lr``, ``--kl-coef``,
+``--mask-history``, the episode's size (``--prompt-history``, ``--retrieval-k``), the warm start's
+(``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make variants
+(with ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and
+``--share-prefix`` set how a step runs (memory, speed). Only the default settings export the bundled adapter unless
+``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -365,6 +366,12 @@ def main(argv=None) -> None:
         f"(default {CPU_ARGS.difficulty_top})",
     )
     ap.add_argument("--lr", type=float, default=CPU_ARGS.lr, help=f"stage 2's learning rate (default {CPU_ARGS.lr})")
+    ap.add_argument(
+        "--kl-coef",
+        type=float,
+        default=CPU_ARGS.kl_coef,
+        help=f"stage 2's KL penalty to the warm start (default {CPU_ARGS.kl_coef}: the reference has none)",
+    )
     ap.add_argument("--steps", type=int, default=STEPS["rec"], help=f"stage 2's steps (default {STEPS['rec']})")
     sizes = {
         "prompt_history": "history items the prompt shows (warm start, stage 2 and validation alike)",
@@ -414,6 +421,8 @@ def main(argv=None) -> None:
         ap.error(f"--retrieval-hit-weight {args.retrieval_hit_weight}; must be >= 0")
     if not args.wasted_weight >= 0:
         ap.error(f"--wasted-weight {args.wasted_weight}; must be >= 0")
+    if not args.kl_coef >= 0:
+        ap.error(f"--kl-coef {args.kl_coef}; must be >= 0")
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
@@ -426,8 +435,8 @@ def main(argv=None) -> None:
     if args.micro_batch_tokens < 0:
         ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
     base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
-                   difficulty_top=args.difficulty_top, lr=args.lr, users_per_step=args.users_per_step,
-                   rollout_batch=args.rollout_batch, micro_batch=args.micro_batch,
+                   difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
+                   users_per_step=args.users_per_step, rollout_batch=args.rollout_batch, micro_batch=args.micro_batch,
                    micro_batch_tokens=args.micro_batch_tokens, share_prefix=args.share_prefix)  # fmt: skip
     warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs)
     steps = {**STEPS, "rec": args.steps}
