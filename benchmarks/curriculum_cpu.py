@@ -415,14 +415,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.val_users < 1:
         ap.error(f"--val-users {args.val_users}; must be >= 1")
-    if not args.point_weight >= 0:
-        ap.error(f"--point-weight {args.point_weight}; must be >= 0")
-    if not args.retrieval_hit_weight >= 0:
-        ap.error(f"--retrieval-hit-weight {args.retrieval_hit_weight}; must be >= 0")
-    if not args.wasted_weight >= 0:
-        ap.error(f"--wasted-weight {args.wasted_weight}; must be >= 0")
-    if not args.kl_coef >= 0:
-        ap.error(f"--kl-coef {args.kl_coef}; must be >= 0")
+    for flag in ("point_weight", "retrieval_hit_weight", "wasted_weight", "kl_coef"):
+        if not getattr(args, flag) >= 0:  # nan fails too
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 0")
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:

@@ -184,7 +184,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert settings["stage"]["lr"] == 0.0005 and json.loads((out / "settings.json").read_text())["stage"]["lr"] == 2e-4
     assert settings["mask_history"] and not json.loads((out / "settings.json").read_text())["mask_history"]
     text = (other / "README.md").read_text()
-    assert "--point-weight 0 --retrieval-hit-weight 2 --difficulty-top 50 --lr 0.0005 --kl-coef 0.05" in text
+    flags = "--point-weight 0 --retrieval-hit-weight 2 --difficulty-top 50 --lr 0.0005 --kl-coef 0.05 --mask-history"
+    assert flags in text
     assert "point 0, retrieval_hit 2" in text
     assert "rollout batch, lr 0.0005," in text and "KL 0.05;" in text
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
