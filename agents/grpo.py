@@ -410,15 +410,17 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         t0 = time.perf_counter()
         rollouts = _rollouts(policy, envs, users, args, step, rank, world)  # 1. sample G episodes per user
         adv = _advantages(rollouts, args, accelerator)  # 2. group baseline, global whitening
+        t1 = time.perf_counter()
         stats = train_step(model, optimizer, rollouts, adv, args, tok.pad_token_id, ref_model, accelerator,
                            rng=np.random.default_rng([args.seed, step, 1]))  # 3. update  # fmt: skip
         if policy.engine is not None:
             policy.engine.load_weights(accelerator.unwrap_model(model))  # the next rollouts sample the new policy
+        t2 = time.perf_counter()
         entry = _log_entry(step, args, rollouts, stats, accelerator)  # 4. log, validate, checkpoint
         if main and args.val_users and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             policy.model.eval()
             entry.update(validate(policy, env_kwargs, args.val_users, resources))
-        entry.update(seconds=time.perf_counter() - t0, **memory_gib())
+        entry.update(seconds=time.perf_counter() - t0, rollout_seconds=t1 - t0, update_seconds=t2 - t1, **memory_gib())
         history.append(entry)
         # The step's log line commits with its checkpoint: a kill before this loses the step in flight only.
         save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, accelerator, extra={"log": history})

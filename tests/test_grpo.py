@@ -83,6 +83,9 @@ def test_one_step_per_stage_changes_weights(tmp_path, tiny_lm_path, env_kwargs, 
     assert len(log) == 1 and np.isfinite(log[0]["loss"]) and log[0]["policy_tokens"] > 0
     # every episode failed alike: no group carries a signal (the advantages above are patched in)
     assert log[0]["signal_groups"] == 0.0 and log[0]["signal_groups_format"] == 0.0
+    # the step's time and its two parts, sampling then the update, which it contains
+    assert 0.0 < log[0]["rollout_seconds"] and 0.0 < log[0]["update_seconds"]
+    assert log[0]["rollout_seconds"] + log[0]["update_seconds"] <= log[0]["seconds"]
     if sys.platform == "linux":  # the process's memory: resident at the step's end, at most its peak so far
         assert 0.0 < log[0]["rss_gib"] <= log[0]["peak_rss_gib"] + 1e-3
     after, _ = load_causal_lm(str(ckpt))

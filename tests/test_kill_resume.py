@@ -45,8 +45,8 @@ def _run(out, lm, env_kwargs, sabotage=None):
 def _log(out):
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     for r in rows:
-        for measured in ("seconds", "rss_gib", "peak_rss_gib"):
-            r.pop(measured)
+        for measured in ("seconds", "rollout_seconds", "update_seconds", "rss_gib", "peak_rss_gib"):
+            r.pop(measured, None)  # the SFT log has no rollout or update split
     return rows
 
 
