@@ -3,7 +3,8 @@
     python -m benchmarks.curriculum_cpu             # ~69 min on a 2-core CPU (cache holding the TRM and SmolLM2)
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
-``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``, ``--lr``, ``--kl-coef``,
+``--format-weight``, ``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``,
+``--lr``, ``--kl-coef``,
 ``--mask-history``, the episode's size (``--prompt-history``, ``--retrieval-k``), the warm start's
 (``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make variants
 (with ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and
@@ -339,6 +340,12 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="policy to start from (default: smollm2)")
     ap.add_argument("--encoder", default=None, help="text encoder of the env (default: the embedded MiniLM)")
     ap.add_argument(
+        "--format-weight",
+        type=float,
+        default=STAGES["rec"]["format"],
+        help="weight of stage 2's format reward (default: the reference's 1); at least --wasted-weight",
+    )
+    ap.add_argument(
         "--point-weight",
         type=float,
         default=STAGES["rec"]["point"],
@@ -415,9 +422,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.val_users < 1:
         ap.error(f"--val-users {args.val_users}; must be >= 1")
-    for flag in ("point_weight", "retrieval_hit_weight", "wasted_weight", "kl_coef"):
+    for flag in ("format_weight", "point_weight", "retrieval_hit_weight", "wasted_weight", "kl_coef"):
         if not getattr(args, flag) >= 0:  # nan fails too
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 0")
+    if args.wasted_weight > args.format_weight:
+        # a malformed answer scores format -1 and every outcome 0 (wasted too): it would outscore a well-formed
+        # answer whose lines are all wasted (-wasted_weight), and the policy would learn to break the format
+        ap.error(f"--wasted-weight {args.wasted_weight} > --format-weight {args.format_weight}: a malformed answer "
+                 "would score more than a well-formed one naming only history items, repeats or no item; "
+                 "raise --format-weight to at least --wasted-weight")  # fmt: skip
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
@@ -436,7 +449,7 @@ def main(argv=None) -> None:
     warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs)
     steps = {**STEPS, "rec": args.steps}
     n_val = args.val_users
-    weights = {**STAGES["rec"], "point": args.point_weight}
+    weights = {**STAGES["rec"], "format": args.format_weight, "point": args.point_weight}
     if args.retrieval_hit_weight:
         weights["retrieval_hit"] = args.retrieval_hit_weight
     if args.wasted_weight:

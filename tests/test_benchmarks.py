@@ -159,7 +159,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     # in the results
     other = tmp_path / "res0"
     argv0 = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(other),
-             "--run", str(tmp_path / "run0"), "--point-weight", "0", "--retrieval-hit-weight", "2",
+             "--run", str(tmp_path / "run0"), "--format-weight", "2", "--point-weight", "0",
+             "--retrieval-hit-weight", "2",
              "--difficulty-top", "50", "--lr", "0.0005", "--kl-coef", "0.05", "--mask-history", "--steps", "2",
              "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
              "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2"]  # fmt: skip
@@ -168,7 +169,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
     assert settings["stage"]["micro_batch_tokens"] == 4000 and settings["stage"]["share_prefix"]
     assert not json.loads((out / "settings.json").read_text())["stage"]["share_prefix"]
-    assert settings["reward_weights"] == {**STAGES["rec"], "point": 0.0, "retrieval_hit": 2.0}
+    assert settings["reward_weights"] == {**STAGES["rec"], "format": 2.0, "point": 0.0, "retrieval_hit": 2.0}
     assert settings["stage"]["difficulty_top"] == 50
     assert settings["stage"]["kl_coef"] == 0.05
     assert not json.loads((out / "settings.json").read_text())["stage"]["kl_coef"]
@@ -186,7 +187,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     text = (other / "README.md").read_text()
     flags = "--point-weight 0 --retrieval-hit-weight 2 --difficulty-top 50 --lr 0.0005 --kl-coef 0.05 --mask-history"
     assert flags in text
-    assert "point 0, retrieval_hit 2" in text
+    assert "format 2, hit 1, rank 1, point 0, retrieval_hit 2" in text
     assert "rollout batch, lr 0.0005," in text and "KL 0.05;" in text
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
@@ -214,6 +215,9 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--retrieval-hit-weight", "-1"],
         ["--wasted-weight", "-1"],
         ["--wasted-weight", "nan"],
+        ["--wasted-weight", "2.5"],  # above the format weight (2): breaking the format would pay
+        ["--format-weight", "-1"],
+        ["--format-weight", "nan"],
         ["--kl-coef", "-0.1"],
         ["--kl-coef", "nan"],
         ["--difficulty-top", "0"],
@@ -230,6 +234,10 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     ):
         with pytest.raises(SystemExit):
             curriculum_cpu.main([*argv0, *bad])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        curriculum_cpu.main([*argv0, "--wasted-weight", "2.5"])
+    assert "--wasted-weight 2.5 > --format-weight 2.0: a malformed answer would score more" in capsys.readouterr().err
 
 
 def test_curriculum_validation_separates_format_from_ranking():
