@@ -76,7 +76,7 @@ def main(argv=None) -> None:
                     help="calls per demonstration, drawn per episode from this list (e.g. '1,2')")  # fmt: skip
     add_dataclass_args(ap, GRPOArgs, skip=("stage", "steps", "users"))
     ns = ap.parse_args(argv)
-    base = from_args(GRPOArgs, ns, defaults_for=("stage", "steps", "users"))
+    base = from_args(GRPOArgs, ns, defaults_for=("stage", "steps", "users"), parser=ap)
     if base.out == GRPOArgs.out:
         base = replace(base, out="runs/curriculum")
     warm = None
@@ -85,9 +85,12 @@ def main(argv=None) -> None:
             calls = tuple(int(c) for c in ns.warm_start_calls.split(","))
         except ValueError:
             ap.error(f"--warm-start-calls {ns.warm_start_calls!r}: expected integers separated by commas, e.g. 1,2")
-        warm = SFTArgs(teacher=ns.warm_start, teacher_calls=calls, episodes=ns.warm_start_episodes,
-                       epochs=ns.warm_start_epochs, lr=ns.warm_start_lr, seed=base.seed,
-                       lora_r=base.lora_r)  # fmt: skip
+        try:
+            warm = SFTArgs(teacher=ns.warm_start, teacher_calls=calls, episodes=ns.warm_start_episodes,
+                           epochs=ns.warm_start_epochs, lr=ns.warm_start_lr, seed=base.seed,
+                           lora_r=base.lora_r, gradient_checkpointing=base.gradient_checkpointing)  # fmt: skip
+        except ValueError as e:
+            ap.error(f"warm start: {e}")
     ckpt = run_curriculum(base, ns.coldstart_steps, ns.rec_steps, warm_start=warm)
     print(f"final checkpoint: {ckpt}; logs and curves under {base.out}")
 

@@ -236,7 +236,7 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(ap, EvalArgs)
-    args = from_args(EvalArgs, ap.parse_args(argv))
+    args = from_args(EvalArgs, ap.parse_args(argv), parser=ap)
     result = run(args)
     cols = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds"]
     print(" | ".join(cols))

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from agents.llm import check_checkpointing
 from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
 from agents.runs import (
     _deepspeed,
@@ -94,6 +95,10 @@ class GRPOArgs(EpisodeSettings):
     """The loss's forward runs the prompt prefix a micro-batch's rows share (the instructions) once, not once per
     row (``agents.rollout.token_logprobs``): the same loss and gradients up to float rounding, fewer tokens through
     the model. Off by default: rounding differences change later samples, and the committed runs predate it."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the update's backward pass instead of keeping them (transformers'
+    gradient checkpointing): far less memory per pass (``benchmarks/update_memory.py``), one more forward of
+    compute, the same gradients up to float rounding. Not with ``share_prefix``."""
     rollout_batch: int = 8
     """Episodes generated in lock step."""
     difficulty_top: int = 100
@@ -143,6 +148,7 @@ class GRPOArgs(EpisodeSettings):
             )
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high}; need 0 <= low < 1, high >= 0")
+        check_checkpointing(self)
 
 
 PAPER_SCALE = {
@@ -451,13 +457,15 @@ def _accelerator(args: GRPOArgs):
 
 def _trainable_model(args: GRPOArgs, accelerator, resume_from: Path | None):
     """The policy (LoRA-wrapped if asked), its tokenizer, optimizer (state restored) and the KL reference."""
-    from agents.llm import add_lora, load_causal_lm
+    from agents.llm import add_lora, enable_gradient_checkpointing, load_causal_lm
 
     device, world = str(accelerator.device), accelerator.num_processes
     model, tok = load_causal_lm(str(resume_from or args.model), device=device, dtype=args.dtype,
                                 trainable_adapter=True)  # fmt: skip
     if args.lora_r > 0:
         model = add_lora(model, args.lora_r, args.seed)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     ref_model = None
     if args.kl_coef > 0:
         ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)

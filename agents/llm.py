@@ -128,6 +128,33 @@ BUNDLED_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-deepre
 benchmarks.curriculum_cpu``; its ``deeprec.json`` holds the episode settings it was trained with)."""
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    transformers' gradient checkpointing, non-reentrant (a LoRA model needs no input gradients then): the
+    update keeps about one layer's activations per pass instead of every layer's, for one more forward pass
+    of compute. The gradients are the same up to float rounding. Only while training with gradients: rollouts
+    and the no-grad log-prob passes run as without. It drops the KV cache inside the pass, so it does not
+    combine with ``share_prefix`` (:func:`check_checkpointing`).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):  # a peft model answers for its base
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_checkpointing(args) -> None:
+    """Refuse ``gradient_checkpointing`` with ``share_prefix`` (a settings dataclass of the trainers)."""
+    if args.gradient_checkpointing and args.share_prefix:
+        raise ValueError(
+            "gradient_checkpointing and share_prefix exclude each other: the shared prefix reaches the rows "
+            "through a KV cache, which a checkpointed pass does not keep; turn one off"
+        )
+
+
 def add_lora(model, r: int, seed: int = 0):
     """``model`` with a fresh peft LoRA adapter of rank ``r`` (alpha ``2r``) on every linear layer.
 

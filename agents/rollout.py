@@ -178,7 +178,9 @@ def token_logprobs(
     keep = (lambda n: {"logits_to_keep": n}) if "logits_to_keep" in _forward_parameters(model) else (lambda n: {})
     shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
     if shared < KVBatch.MIN_SHARED:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep(width - first + 1)).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep(width - first + 1)
+        ).logits
         lp = logprobs(logits[:, -(width - first + 1) : -1], input_ids[:, first:])
     elif first >= shared:  # the prefix is context: at most its last column's logits are needed
         tail_keep = keep(width - first + 1) if first > shared else {}

@@ -114,7 +114,7 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(ap, PPOArgs)
-    args = from_args(PPOArgs, ap.parse_args(argv))
+    args = from_args(PPOArgs, ap.parse_args(argv), parser=ap)
     train_ppo(args)
     print(f"saved {args.out}")
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from agents.base import Policy, play_episodes
-from agents.llm import Trajectory, prompt_text
+from agents.llm import Trajectory, check_checkpointing, prompt_text
 from agents.rollout import EpisodeSettings, pad_batch, token_logprobs
 from deeprec_env.config import check_fields
 
@@ -50,6 +50,8 @@ class SFTArgs(EpisodeSettings):
     """Demonstrations per forward/backward pass."""
     share_prefix: bool = False
     """Run the prompt prefix a micro-batch's demonstrations share once (as ``GRPOArgs.share_prefix``)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (as ``GRPOArgs.gradient_checkpointing``); not with share_prefix."""
     lr: float = 5e-5
     """Adam learning rate (LoRA wants a larger one than full fine-tuning, e.g. 1e-3)."""
     lora_r: int = 0
@@ -74,6 +76,7 @@ class SFTArgs(EpisodeSettings):
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}; must be > 0")
+        check_checkpointing(self)
 
 
 class TranscriptRecorder(Policy):
@@ -171,7 +174,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     """
     from tqdm.auto import tqdm
 
-    from agents.llm import add_lora, load_causal_lm
+    from agents.llm import add_lora, enable_gradient_checkpointing, load_causal_lm
     from agents.runs import memory_gib, recover_checkpoint, run_state, save_checkpoint, write_log
 
     out = Path(args.out)
@@ -187,6 +190,8 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
                                 trainable_adapter=True)  # fmt: skip
     if args.lora_r > 0:
         model = add_lora(model, args.lora_r, args.seed)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     env_kwargs = args.env_kwargs("rec", env_kwargs)
     from deeprec_env.env import EnvConfig, episode_split, get_resources
 

@@ -4,12 +4,11 @@
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 ``--format-weight``, ``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``,
-``--lr``, ``--kl-coef``,
-``--mask-history``, the episode's size (``--prompt-history``, ``--retrieval-k``), the warm start's
-(``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make variants
-(with ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens`` and
-``--share-prefix`` set how a step runs (memory, speed). Only the default settings export the bundled adapter unless
-``--export`` says where.
+``--lr``, ``--kl-coef``, ``--mask-history``, the episode's size (``--prompt-history``, ``--retrieval-k``), the warm
+start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make
+variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens``
+and ``--share-prefix`` or ``--gradient-checkpointing`` set how a step runs (memory, speed). Only the default settings
+export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -292,7 +291,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
         f"whitening '{base.whiten}', KL {base.kl_coef}; update passes of at most {base.micro_batch} trajectories"
         + (f" and {base.micro_batch_tokens} token positions" if base.micro_batch_tokens else "")
-        + (", shared prompt prefix run once" if base.share_prefix else ""),
+        + (", shared prompt prefix run once" if base.share_prefix else "")
+        + (", gradient checkpointing" if base.gradient_checkpointing else ""),
         "episode": f"last {base.prompt_history} history items in the prompt, top-{base.retrieval_k} items per call, "
         f"at most {base.max_new_tokens} new tokens per segment"
         + (", the user's history never retrieved (mask_history)" if mask_history else ""),
@@ -397,6 +397,12 @@ def main(argv=None) -> None:
         help="the update runs a pass's shared prompt prefix once (docs/training.md)",
     )
     ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward passes (warm start and stage 2): far less memory per pass, more "
+        "compute; not with --share-prefix (docs/training.md)",
+    )
+    ap.add_argument(
         "--mask-history",
         action="store_true",
         help="the TRM never returns the user's history items (warm start, stage 2 and validation alike)",
@@ -440,13 +446,17 @@ def main(argv=None) -> None:
     for flag in positive:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
+    if args.gradient_checkpointing and args.share_prefix:
+        ap.error("--gradient-checkpointing and --share-prefix exclude each other (the prefix's KV cache is not kept)")
     if args.micro_batch_tokens < 0:
         ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
     base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
                    difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
                    users_per_step=args.users_per_step, rollout_batch=args.rollout_batch, micro_batch=args.micro_batch,
-                   micro_batch_tokens=args.micro_batch_tokens, share_prefix=args.share_prefix)  # fmt: skip
-    warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs)
+                   micro_batch_tokens=args.micro_batch_tokens, share_prefix=args.share_prefix,
+                   gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs,
+                   gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
     steps = {**STEPS, "rec": args.steps}
     n_val = args.val_users
     weights = {**STAGES["rec"], "format": args.format_weight, "point": args.point_weight}

@@ -49,10 +49,22 @@ def _tuple_of(elem):
     return parse
 
 
-def from_args(cls, ns: argparse.Namespace, defaults_for: Sequence[str] = ()):
-    """Build dataclass ``cls`` from parsed options (its ``__post_init__`` validates them)."""
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
-                  if f.name not in defaults_for and hasattr(ns, f.name)})  # fmt: skip
+def from_args(
+    cls, ns: argparse.Namespace, defaults_for: Sequence[str] = (), parser: argparse.ArgumentParser | None = None
+):
+    """Build dataclass ``cls`` from parsed options (its ``__post_init__`` validates them).
+
+    With ``parser``, settings the dataclass refuses end the program through ``parser.error`` (usage and one line,
+    exit status 2) instead of a traceback.
+    """
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+              if f.name not in defaults_for and hasattr(ns, f.name)}  # fmt: skip
+    if parser is None:
+        return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _parse_bool(text: str) -> bool:
@@ -68,7 +80,7 @@ def parse_dataclass(cls, argv: Sequence[str] | None, description: str | None):
     """A ``cls`` instance from command-line options (one per field; ``python -m agents.grpo`` and friends)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(ap, cls)
-    return from_args(cls, ap.parse_args(argv))
+    return from_args(cls, ap.parse_args(argv), parser=ap)
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:

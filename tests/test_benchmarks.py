@@ -118,7 +118,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
 
     out, export = tmp_path / "res", tmp_path / "adapter"
     argv = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out", str(out),
-            "--run", str(tmp_path / "run"), "--export", str(export)]  # fmt: skip
+            "--run", str(tmp_path / "run"), "--export", str(export), "--gradient-checkpointing"]  # fmt: skip
     curriculum_cpu.main(argv)
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["rec"]  # stage 1 skipped: stage 2 continues the warm start's adapter
@@ -139,6 +139,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert "- wall clock: " in text and "cache at start: " in text  # a fresh run folder: the command is timed
     settings = json.loads((out / "settings.json").read_text())
     assert settings["timing"]["seconds"] > 0
+    assert settings["stage"]["gradient_checkpointing"] and settings["warm_start"]["gradient_checkpointing"]
+    assert "token positions, gradient checkpointing" in text or "trajectories, gradient checkpointing" in text
     assert settings["reward_weights"] == STAGES["rec"] and "weighted format 1, hit 1, rank 1, point 1" in text
     # the exported adapter: config, weights and settings, loadable without the run folder
     assert {p.name for p in export.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "deeprec.json",
@@ -168,6 +170,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     settings = json.loads((other / "settings.json").read_text())
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
     assert settings["stage"]["micro_batch_tokens"] == 4000 and settings["stage"]["share_prefix"]
+    assert not settings["stage"]["gradient_checkpointing"] and not settings["warm_start"]["gradient_checkpointing"]
     assert not json.loads((out / "settings.json").read_text())["stage"]["share_prefix"]
     assert settings["reward_weights"] == {**STAGES["rec"], "format": 2.0, "point": 0.0, "retrieval_hit": 2.0}
     assert settings["stage"]["difficulty_top"] == 50
@@ -231,6 +234,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--users-per-step", "0"],
         ["--micro-batch", "0"],
         ["--micro-batch-tokens", "-1"],
+        ["--gradient-checkpointing"],  # argv0 shares the prompt prefix
     ):
         with pytest.raises(SystemExit):
             curriculum_cpu.main([*argv0, *bad])
@@ -443,11 +447,14 @@ def test_update_memory_smoke(tmp_path, tiny_lm_path):
     update_memory.main(["--smoke", "--model", str(tiny_lm_path), "--lora-r", "2", "--shapes", "1x16,2x32@8",
                         "--out", str(tmp_path)])  # fmt: skip
     rows = json.loads((tmp_path / "update_memory_smoke.json").read_text())["rows"]
-    assert [(r["rows"], r["positions"], r["logits per row"]) for r in rows] == [(1, 16, "all"), (2, 64, "last 8")]
-    assert all(r["GiB peak"] >= r["GiB after loading"] > 0 for r in rows)
+    shapes = [(r["rows"], r["positions"], r["logits per row"], r["checkpointing"]) for r in rows]
+    assert shapes == [(1, 16, "all", "off"), (1, 16, "all", "on"), (2, 64, "last 8", "off"), (2, 64, "last 8", "on")]
+    assert all(r["GiB peak"] >= r["GiB after loading"] > 0 and r["seconds"] > 0 for r in rows)
     protocol = json.loads((tmp_path / "update_memory_smoke.json").read_text())["protocol"]
     assert "MALLOC_MMAP_THRESHOLD_=65536" in protocol["memory"]  # the measuring processes' allocator, said
     assert os.environ.get("MALLOC_MMAP_THRESHOLD_") == before  # this process's environment restored
     for bad in ("2by3", "0x10", "1x1", "", "2x10@0", "2x10@10", "2x10@x"):
         with pytest.raises(SystemExit):
             update_memory.main(["--shapes", bad])
+    with pytest.raises(SystemExit):
+        update_memory.main(["--checkpointing", "sometimes"])

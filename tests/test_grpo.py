@@ -178,6 +178,59 @@ def test_lora_trains_the_adapter_only_and_resumes(tmp_path, tiny_lm_path, env_kw
     assert [x["step"] for x in log] == [0, 1]
 
 
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tmp_path, tiny_lm_path, env_kwargs, resources,
+                                                                     varied_advantages, lora_r):  # fmt: skip
+    from agents.llm import add_lora, enable_gradient_checkpointing, load_causal_lm
+    from agents.rollout import token_logprobs
+
+    if lora_r:
+        pytest.importorskip("peft")
+
+    def grads(checkpointing: bool):
+        model, _ = load_causal_lm(str(tiny_lm_path), trainable_adapter=True)
+        model = add_lora(model, lora_r) if lora_r else model
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        # the layer's first module: a recompute runs it again (it may stop before the layer's last ones)
+        norm = next(m for n, m in model.named_modules() if n.endswith("layers.0.input_layernorm"))
+        calls = []
+        norm.register_forward_hook(lambda *_: calls.append(1))
+        ids = torch.randint(3, 50, (2, 24), generator=torch.Generator().manual_seed(0))
+        needed = torch.zeros_like(ids)
+        needed[:, 10:] = 1
+        lp = token_logprobs(model, ids, torch.ones_like(ids), temperature=0.7, needed=needed)
+        (lp * needed).sum().backward()
+        named = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return named, len(calls)
+
+    plain, plain_calls = grads(False)
+    checkpointed, checkpointed_calls = grads(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the layer ran again in the backward pass
+    assert plain.keys() == checkpointed.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # a whole training step: the same log and weights as without
+    a = train(_args(tmp_path / "a", tiny_lm_path, lora_r=lora_r, temperature=1.5), env_kwargs, progress=False)
+    b = train(_args(tmp_path / "b", tiny_lm_path, lora_r=lora_r, temperature=1.5, gradient_checkpointing=True),
+              env_kwargs, progress=False)  # fmt: skip
+    la, lb = (json.loads((tmp_path / d / "log.jsonl").read_text()) for d in "ab")
+    assert la["grad_norm"] > 0 and lb["grad_norm"] == pytest.approx(la["grad_norm"], rel=1e-4)
+    ma, mb = load_causal_lm(str(a))[0], load_causal_lm(str(b))[0]
+    for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_refuses_share_prefix():
+    from agents.sft import SFTArgs
+
+    for cls in (GRPOArgs, SFTArgs):
+        with pytest.raises(ValueError, match="gradient_checkpointing and share_prefix exclude each other"):
+            cls(gradient_checkpointing=True, share_prefix=True)
+        assert cls(gradient_checkpointing=True).gradient_checkpointing
+
+
 DDP_JOB = """
 import hashlib, json, os, sys
 import numpy as np
@@ -256,6 +309,26 @@ def test_grpo_module_has_a_cli(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--mini-batches" in text and "--top-k" in text and "--stage" in text
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("agents.grpo", ["--steps", "0"], "steps=0; must be >= 1"),
+        ("agents.grpo", ["--gradient-checkpointing", "true", "--share-prefix", "true"], "exclude each other"),
+        ("agents.sft", ["--episodes", "0"], "episodes=0; must be >= 1"),
+        ("agents.curriculum", ["--group-size", "0"], "group_size=0; must be >= 1"),
+        ("agents.curriculum", ["--warm-start", "history-facet", "--warm-start-epochs", "0"], "warm start: epochs=0"),
+    ],
+)
+def test_agent_clis_refuse_bad_settings_in_one_line(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    assert e.value.code == 2  # argparse's usage error, before anything is loaded or trained
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_varying_groups_counts_groups_whose_samples_differ():
