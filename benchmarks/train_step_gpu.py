@@ -10,6 +10,11 @@ episodes are short: the projection is a lower bound on rollout time and exact fo
     python -m benchmarks.train_step_gpu --shapes 135m --modes full --tokenizer DIR  # a folder of tokenizer files
     python -m benchmarks.train_step_gpu --smoke                                     # tiny shapes on the CPU
     python -m benchmarks.train_step_gpu --share-prefix ...   # the update runs the shared prompt prefix once
+    python -m benchmarks.train_step_gpu --shapes 7b --modes full+ckpt,lora+ckpt  # with gradient checkpointing
+
+A mode is ``full`` or ``lora``, with ``+ckpt`` for gradient checkpointing in the update
+(``GRPOArgs.gradient_checkpointing``; not with ``--share-prefix``). A step that runs out of accelerator memory
+is a row saying so, and the other shapes still run.
 
 Not run on a GPU by the session that wrote it (none was lent): its figures are still to be measured.
 """
@@ -17,6 +22,7 @@ Not run on a GPU by the session that wrote it (none was lent): its figures are s
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import numpy as np
@@ -51,21 +57,49 @@ def random_model(shape: str, tokenizer, device: str, dtype: str):
     return model
 
 
+MODES = ("full", "lora", "full+ckpt", "lora+ckpt")
+"""Fine-tuning modes: every weight or a LoRA adapter, each without or with gradient checkpointing."""
+
+
+def _mode_name(mode: str, lora_r: int) -> str:
+    base, _, ckpt = mode.partition("+")
+    return ("full" if base == "full" else f"LoRA r={lora_r}") + (", checkpointing" if ckpt else "")
+
+
 def one_step(shape: str, mode: str, tokenizer, args, env_kwargs: dict) -> dict:
-    """Time one training step (rollouts + update) of ``shape`` with ``mode`` (``full`` or ``lora``)."""
+    """Time one training step (rollouts + update) of ``shape`` with ``mode`` (one of :data:`MODES`).
+
+    Out of accelerator memory, the row says so (``"out of memory"`` in its ``note``) instead of ending the run.
+    """
+    try:
+        return _one_step(shape, mode, tokenizer, args, env_kwargs)
+    except torch.OutOfMemoryError as e:
+        message = str(e)[:120]
+    gc.collect()  # the failed step's tensors went with the exception's frames: hand their memory back
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    row = {"shape": shape, "mode": _mode_name(mode, args.lora_r), "note": f"out of memory: {message}"}
+    print(row, flush=True)
+    return row
+
+
+def _one_step(shape: str, mode: str, tokenizer, args, env_kwargs: dict) -> dict:
     from agents.grpo import GRPOArgs, compute_advantages, train_step
-    from agents.llm import LLMPolicy
+    from agents.llm import LLMPolicy, enable_gradient_checkpointing
     from agents.rollout import collect_rollouts, group_rewards
     from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
 
+    checkpointing = mode.endswith("+ckpt")
+    gargs = GRPOArgs(users_per_step=args.users, group_size=args.group_size, micro_batch=args.micro_batch,
+                     max_new_tokens=args.max_new_tokens, mini_batches=2, prompt="chat",
+                     share_prefix=args.share_prefix, gradient_checkpointing=checkpointing)  # fmt: skip
     model = random_model(shape, tokenizer, args.device, args.dtype)
-    if mode == "lora":
+    if mode.startswith("lora"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM"))
-    gargs = GRPOArgs(users_per_step=args.users, group_size=args.group_size, micro_batch=args.micro_batch,
-                     max_new_tokens=args.max_new_tokens, mini_batches=2, prompt="chat",
-                     share_prefix=args.share_prefix)  # fmt: skip
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     env_kwargs = gargs.env_kwargs("rec", env_kwargs)
     resources = get_resources(EnvConfig(**env_kwargs))
     envs = [DeepRecEnv(resources=resources, **env_kwargs) for _ in range(args.users * args.group_size)]
@@ -89,7 +123,7 @@ def one_step(shape: str, mode: str, tokenizer, args, env_kwargs: dict) -> dict:
     per_episode = (t2 - t0) / episodes
     row = {
         "shape": shape,
-        "mode": mode if mode == "full" else f"LoRA r={args.lora_r}",
+        "mode": _mode_name(mode, args.lora_r),
         "episodes/step": episodes,
         "rollout s": t1 - t0,
         "update s": t2 - t1,
@@ -98,6 +132,7 @@ def one_step(shape: str, mode: str, tokenizer, args, env_kwargs: dict) -> dict:
         "tokens/episode": float(np.mean([len(r.trajectory.ids) for r in rollouts])),
         "policy tokens": stats["policy_tokens"],
         "paper scale (100 x 1,024 episodes), h": per_episode * 1024 * 100 / 3600,
+        "note": "",
     }
     print(row, flush=True)
     del model, optimizer, policy
@@ -109,7 +144,7 @@ def one_step(shape: str, mode: str, tokenizer, args, env_kwargs: dict) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="135m,1.7b,7b")
-    ap.add_argument("--modes", default="full,lora")
+    ap.add_argument("--modes", default="full,lora", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--users", type=int, default=8, help="users per step")
@@ -123,6 +158,11 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (seconds)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    modes = args.modes.split(",")
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes {args.modes!r}; each must be one of {', '.join(MODES)}")
+    if args.share_prefix and any(m.endswith("+ckpt") for m in modes):
+        ap.error("--share-prefix and a +ckpt mode exclude each other (gradient checkpointing drops the prefix's cache)")
     from transformers import AutoTokenizer
 
     env_kwargs: dict = {"encoder": args.encoder}
@@ -138,7 +178,7 @@ def main(argv=None) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     rows = [one_step(shape, mode, tokenizer, args, env_kwargs)
-            for shape in args.shapes.split(",") for mode in args.modes.split(",")]  # fmt: skip
+            for shape in args.shapes.split(",") for mode in modes]  # fmt: skip
     protocol = {
         "models": "random weights at the listed shapes (Llama blocks), tokenizer " + args.tokenizer,
         "device": f"{args.device}, {args.dtype}",
@@ -149,7 +189,7 @@ def main(argv=None) -> None:
         "projection": "measured seconds per episode x 1,024 episodes x 100 steps (random weights end episodes "
         "early: a lower bound on rollouts)",
     }
-    columns = list(rows[0])
+    columns = max((list(r) for r in rows), key=len)  # an out-of-memory row has only its shape, mode and note
     text = f"## One training step at real shapes\n\n{markdown_table(rows, columns, fmt='{:.2f}')}\n\nProtocol:\n"
     text += protocol_text(protocol) + "\n"
     print(text)

@@ -1,8 +1,10 @@
 import json
 import os
+from unittest.mock import patch
 
 import numpy as np
 import pytest
+import torch
 
 from deeprec_env.rewards import STAGES
 
@@ -307,11 +309,30 @@ def test_fuzz_smoke(tmp_path, tiny_encoder_path):
 def test_train_step_gpu_smoke(tmp_path, tiny_encoder_path, tiny_lm_path):
     from benchmarks import train_step_gpu
 
-    train_step_gpu.main(["--smoke", "--modes", "full,lora", "--encoder", str(tiny_encoder_path),
+    train_step_gpu.main(["--smoke", "--modes", "full,lora,lora+ckpt", "--encoder", str(tiny_encoder_path),
                          "--tokenizer", str(tiny_lm_path), "--out", str(tmp_path)])  # fmt: skip
     rows = json.loads((tmp_path / "train_step_gpu_smoke.json").read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["full", "LoRA r=16"]
+    assert [r["mode"] for r in rows] == ["full", "LoRA r=16", "LoRA r=16, checkpointing"]
     assert all(r["episodes/step"] == 4 and r["step s"] > 0 and r["policy tokens"] > 0 for r in rows)
+    # a step out of accelerator memory is a row saying so; the others still run
+    real = train_step_gpu._one_step
+
+    def oom_when_full(shape, mode, *a):
+        if mode == "full":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(shape, mode, *a)
+
+    with patch.object(train_step_gpu, "_one_step", oom_when_full):
+        train_step_gpu.main(["--smoke", "--modes", "full,lora", "--encoder", str(tiny_encoder_path),
+                             "--tokenizer", str(tiny_lm_path), "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "train_step_gpu_smoke.json").read_text())["rows"]
+    assert rows[0] == {"shape": "tiny", "mode": "full",
+                       "note": "out of memory: CUDA out of memory. Tried to allocate 9.00 GiB"}  # fmt: skip
+    assert rows[1]["mode"] == "LoRA r=16" and rows[1]["step s"] > 0 and rows[1]["note"] == ""
+    assert "| tiny | full |  |" in (tmp_path / "train_step_gpu_smoke.md").read_text()  # empty cells, then the note
+    for bad in (["--modes", "full,qlora"], ["--modes", "lora+ckpt", "--share-prefix"]):
+        with pytest.raises(SystemExit):
+            train_step_gpu.main(["--smoke", *bad])
     train_step_gpu.main(["--smoke", "--modes", "lora", "--share-prefix", "--encoder", str(tiny_encoder_path),
                          "--tokenizer", str(tiny_lm_path), "--out", str(tmp_path)])  # fmt: skip
     assert "share_prefix" in (tmp_path / "train_step_gpu_smoke.md").read_text()
