@@ -446,17 +446,18 @@ def main(argv=None) -> None:
     for flag in positive:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
-    if args.gradient_checkpointing and args.share_prefix:
-        ap.error("--gradient-checkpointing and --share-prefix exclude each other (the prefix's KV cache is not kept)")
     if args.micro_batch_tokens < 0:
         ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
-    base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
-                   difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
-                   users_per_step=args.users_per_step, rollout_batch=args.rollout_batch, micro_batch=args.micro_batch,
-                   micro_batch_tokens=args.micro_batch_tokens, share_prefix=args.share_prefix,
-                   gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-    warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs,
-                   gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    try:  # the settings classes refuse what the flags above cannot (gradient checkpointing with share_prefix)
+        base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
+                       difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
+                       users_per_step=args.users_per_step, rollout_batch=args.rollout_batch,
+                       micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens,
+                       share_prefix=args.share_prefix, gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+        warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs,
+                       gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    except ValueError as e:
+        ap.error(str(e))
     steps = {**STEPS, "rec": args.steps}
     n_val = args.val_users
     weights = {**STAGES["rec"], "format": args.format_weight, "point": args.point_weight}

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from agents.llm import check_checkpointing
 from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
 
 SHAPES = {
@@ -159,10 +160,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    if not modes or any(m not in MODES for m in modes):
+    if any(m not in MODES for m in modes):
         ap.error(f"--modes {args.modes!r}; each must be one of {', '.join(MODES)}")
-    if args.share_prefix and any(m.endswith("+ckpt") for m in modes):
-        ap.error("--share-prefix and a +ckpt mode exclude each other (gradient checkpointing drops the prefix's cache)")
+    try:  # the trainer's own rule: no gradient checkpointing with share_prefix
+        check_checkpointing(argparse.Namespace(gradient_checkpointing=any(m.endswith("+ckpt") for m in modes),
+                                               share_prefix=args.share_prefix))  # fmt: skip
+    except ValueError as e:
+        ap.error(f"a +ckpt mode: {e}")
     from transformers import AutoTokenizer
 
     env_kwargs: dict = {"encoder": args.encoder}

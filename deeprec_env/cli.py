@@ -59,11 +59,11 @@ def from_args(
     """
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
               if f.name not in defaults_for and hasattr(ns, f.name)}  # fmt: skip
-    if parser is None:
-        return cls(**values)
     try:
         return cls(**values)
     except ValueError as e:
+        if parser is None:
+            raise
         parser.error(str(e))
 
 
