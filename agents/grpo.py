@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from agents.llm import check_checkpointing
+from agents.llm import adapter_base, check_checkpointing, reference_model
 from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
 from agents.runs import (
     _deepspeed,
@@ -68,6 +68,11 @@ class GRPOArgs(EpisodeSettings):
     """Upper ratio clip: ratios above 1 + clip_high are clipped."""
     kl_coef: float = 0.0
     """KL penalty to the starting model (0: no reference model is kept)."""
+    kl_reference: Literal["copy", "adapter"] = "copy"
+    """Where the KL penalty's starting model lives: 'copy', a second frozen copy of it; 'adapter', for a LoRA
+    policy only, its own base weights with the starting adapter beside the trained one
+    (:class:`agents.llm.AdapterReference`): no second copy of the base model, the same log-probs up to float
+    rounding. 'copy' by default: rounding differences change later samples, and the committed runs used it."""
     whiten: Literal["divide", "multiply", "none"] = "divide"
     """Global whitening of advantages: divide by the std (correct), multiply (the reference's bug), none."""
     temperature: float = 1.0
@@ -131,6 +136,9 @@ class GRPOArgs(EpisodeSettings):
                      "mini_batches", "ppo_epochs"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        if self.kl_coef > 0 and self.kl_reference == "adapter" and not self.lora_r and adapter_base(self.model) is None:
+            raise ValueError(f"kl_reference='adapter' needs a LoRA policy: lora_r > 0 or a LoRA adapter folder as "
+                             f"model (got lora_r=0, model={self.model!r})")  # fmt: skip
         if self.micro_batch_tokens < 0:
             raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens}; must be >= 0 (0: no bound)")
         if self.whiten not in ("divide", "multiply", "none"):
@@ -220,7 +228,8 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     gradient is the policy gradient. With more, they are computed once before the first update, by the
     model that sampled the rollouts, and the clip acts as the ratio moves. ``rng`` shuffles the
     trajectories between mini-batches. With ``accelerator`` (several processes), gradients are synchronised
-    once per optimiser step, on its last micro-batch.
+    once per optimiser step, on its last micro-batch. ``ref_model`` (a frozen model or an
+    :class:`agents.llm.AdapterReference`) gives the KL penalty's reference log-probs when ``kl_coef`` > 0.
     """
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "share_prefix": args.share_prefix}  # fmt: skip
@@ -312,6 +321,11 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
         sync = accelerator is None or n == len(parts) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             mask = batch["loss_mask"]
+            ref = None
+            if ref_model is not None and args.kl_coef > 0:  # before the policy's pass: a shared adapter is switched
+                with torch.no_grad(), reference_model(ref_model) as reference:
+                    ref = token_logprobs(reference, batch["input_ids"], batch["attention_mask"], needed=mask,
+                                         **sampling)  # fmt: skip
             logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], needed=mask, **sampling)
             if old is None:
                 old_lp = logp.detach()
@@ -322,10 +336,7 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
             adv = torch.as_tensor(advantages[part], dtype=torch.float32, device=device)
             # token-level mean over the optimiser step: weight each micro-batch by its share of policy tokens
             loss = policy_loss(logp, old_lp, adv, mask, args.clip_low, args.clip_high) * (mask.sum() / max(n_tokens, 1))
-            if ref_model is not None and args.kl_coef > 0:
-                with torch.no_grad():
-                    ref = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], needed=mask,
-                                         **sampling)  # fmt: skip
+            if ref is not None:
                 # k3 estimator, clamped as verl's low_var_kl: with top-k the updated policy can give a sampled
                 # token probability 0 (log-ratio +inf), where the estimate, not the KL, is infinite
                 log_ratio = _on_mask(ref - logp, mask).clamp(-20.0, 20.0)
@@ -457,7 +468,7 @@ def _accelerator(args: GRPOArgs):
 
 def _trainable_model(args: GRPOArgs, accelerator, resume_from: Path | None):
     """The policy (LoRA-wrapped if asked), its tokenizer, optimizer (state restored) and the KL reference."""
-    from agents.llm import add_lora, enable_gradient_checkpointing, load_causal_lm
+    from agents.llm import AdapterReference, add_lora, enable_gradient_checkpointing, load_causal_lm
 
     device, world = str(accelerator.device), accelerator.num_processes
     model, tok = load_causal_lm(str(resume_from or args.model), device=device, dtype=args.dtype,
@@ -467,7 +478,9 @@ def _trainable_model(args: GRPOArgs, accelerator, resume_from: Path | None):
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     ref_model = None
-    if args.kl_coef > 0:
+    if args.kl_coef > 0 and args.kl_reference == "adapter":  # the starting adapter beside the policy's, same base
+        ref_model = AdapterReference(model, args.model)
+    elif args.kl_coef > 0:
         ref_model, _ = load_causal_lm(args.model, device=device, dtype=args.dtype)
         ref_model.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)

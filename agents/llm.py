@@ -12,6 +12,7 @@ to find the inserted spans.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -177,6 +178,64 @@ def add_lora(model, r: int, seed: int = 0):
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
+
+
+class AdapterReference:
+    """The frozen model a LoRA policy's KL penalty compares to, on the policy's own base weights.
+
+    ``start`` is where the stage began: a peft LoRA folder (a warm start, stage 1's checkpoint) is loaded
+    into ``model`` a second time, frozen, as the adapter ``"reference"``; a plain model means the base
+    weights themselves (the policy with its adapter switched off). Either way no second copy of the base
+    model is held, only the starting adapter (a few MB). ``with reference.active() as m:`` runs ``m`` as
+    the reference (evaluation mode, no gradients wanted) and then restores the policy's adapter, its
+    trainable flags and its mode. The log-probs are those of a separate copy of ``start`` up to float
+    rounding (the copy merges the adapter into the weights, this applies it beside them). Only between
+    passes: a graph the policy built must not see its adapter switched before its backward pass.
+    """
+
+    def __init__(self, model, start: str):
+        if not hasattr(model, "peft_config"):
+            raise ValueError(f"{type(model).__name__} has no peft adapter: load a separate reference model")
+        self.model = model
+        self.adapter = model.active_adapter
+        self.name = None
+        base = adapter_base(start)
+        if base is not None:
+            own = model.peft_config[self.adapter].base_model_name_or_path
+            if base != own:
+                raise ValueError(f"the KL reference {start} is an adapter of {base!r}, the policy's of {own!r}")
+            training = model.training
+            model.load_adapter(str(start), adapter_name="reference", is_trainable=False)
+            model.train(training)  # peft's load_adapter puts the whole model in evaluation mode
+            self.name = "reference"
+
+    @contextlib.contextmanager
+    def active(self):
+        """The model as the reference for the duration of the block."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            if self.name is None:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                self.model.set_adapter(self.name, inference_mode=True)
+                try:
+                    yield self.model
+                finally:
+                    self.model.set_adapter(self.adapter)  # trainable again, the reference frozen
+        finally:
+            self.model.train(training)
+
+
+@contextlib.contextmanager
+def reference_model(reference):
+    """``reference`` (an :class:`AdapterReference` or a separate frozen model) as a model to run."""
+    if isinstance(reference, AdapterReference):
+        with reference.active() as model:
+            yield model
+    else:
+        yield reference
 
 
 @dataclass

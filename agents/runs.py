@@ -57,6 +57,7 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, args, ac
             kwargs = {"state_dict": state} if sharded else {}
             if hasattr(unwrapped, "peft_config"):  # the adapter only; peft would look the base up on the hub
                 kwargs["save_embedding_layers"] = False
+                kwargs["selected_adapters"] = [unwrapped.active_adapter]  # not a KL reference's frozen copy
             unwrapped.save_pretrained(tmp, **kwargs)
             tokenizer.save_pretrained(tmp)
             if not sharded:

@@ -1,5 +1,6 @@
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -178,6 +179,28 @@ def test_lora_trains_the_adapter_only_and_resumes(tmp_path, tiny_lm_path, env_kw
     assert [x["step"] for x in log] == [0, 1]
 
 
+def test_lora_kl_run_keeps_no_second_base_model(tmp_path, tiny_lm_path, env_kwargs, resources, varied_advantages,
+                                               monkeypatch):  # fmt: skip
+    """``kl_reference="adapter"`` from a LoRA warm start: the trainer loads the base model once, penalises the
+    drift from the warm start, and checkpoints the trained adapter alone (and resumes with it)."""
+    pytest.importorskip("peft")
+    import agents.llm as llm
+
+    warm = train(_args(tmp_path / "warm", tiny_lm_path, lora_r=4, temperature=1.5), env_kwargs, progress=False)
+    loads = []
+    real = llm.load_causal_lm
+    monkeypatch.setattr(llm, "load_causal_lm", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    args = _args(tmp_path / "kl", warm, kl_coef=0.5, kl_reference="adapter", group_size=4, mini_batches=2,
+                 temperature=1.5)  # fmt: skip
+    ckpt = train(args, env_kwargs, progress=False)
+    log = json.loads((tmp_path / "kl" / "log.jsonl").read_text())
+    assert log["kl"] > 0  # the second optimiser step: the policy has moved from the warm start
+    assert sum(llm.adapter_base(str(a[0])) is None for a in loads) == 1  # the policy's base only, no reference copy
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "reference").exists()
+    train(replace(args, steps=2), env_kwargs, progress=False)  # resume: the reference is the warm start again
+    assert [json.loads(x)["step"] for x in (tmp_path / "kl" / "log.jsonl").read_text().splitlines()] == [0, 1]
+
+
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tmp_path, tiny_lm_path, env_kwargs, resources,
                                                                      varied_advantages, lora_r):  # fmt: skip
@@ -253,8 +276,10 @@ def spy(path, model, tok, opt, step, args, accelerator=None, **kw):  # each proc
 
 grpo.save_checkpoint = spy
 share = os.environ.get("SHARE_PREFIX") == "1"  # micro-batches of a process's 2 rollouts, prompt prefix run once
+# KL_ADAPTER: a LoRA policy whose KL reference is its own base (adapter switched off between passes); 2 updates
+kl = dict(lora_r=4, kl_coef=0.5, kl_reference="adapter", mini_batches=2) if os.environ.get("KL_ADAPTER") else {}
 args = GRPOArgs(model=lm, steps=1, users_per_step=2, group_size=2, max_new_tokens=6, micro_batch=2 if share else 1,
-                rollout_batch=2, val_users=0, out=out, lr=1e-3, temperature=1.5, share_prefix=share)
+                rollout_batch=2, val_users=0, out=out, lr=1e-3, temperature=1.5, share_prefix=share, **kl)
 train(args, dict(dataset="synthetic", encoder=enc, trm=TRMConfig(**json.loads(trm))), progress=False)
 with open(f"{out}/initial.txt", "w") as f:
     f.write(digest(load_causal_lm(lm)[0]))
@@ -284,16 +309,21 @@ def _torchrun(out, tiny_lm_path, tiny_encoder_path, port: int, **env_extra) -> l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("share", ["0", "1"])
-def test_two_processes_under_torchrun(tmp_path, tiny_lm_path, tiny_encoder_path, resources, share):
+@pytest.mark.parametrize(("share", "kl_adapter"), [("0", ""), ("1", ""), ("0", "1")])
+def test_two_processes_under_torchrun(tmp_path, tiny_lm_path, tiny_encoder_path, resources, share, kl_adapter):
     """The DDP path for real: two CPU processes (gloo), rewards gathered, gradients averaged.
 
     With ``share_prefix`` the model runs twice (prefix, then rows) before each backward: DDP must still
-    average every gradient once.
+    average every gradient once. With a LoRA policy's adapter reference, the adapter's trainable flags are
+    switched off and on around every reference pass: DDP must still average the adapter's gradients.
     """
+    if kl_adapter:
+        pytest.importorskip("peft")
     out = tmp_path / "run"
-    log = _torchrun(out, tiny_lm_path, tiny_encoder_path, 29517 + int(share), SHARE_PREFIX=share)
+    port = 29517 + int(share) + 2 * bool(kl_adapter)
+    log = _torchrun(out, tiny_lm_path, tiny_encoder_path, port, SHARE_PREFIX=share, KL_ADAPTER=kl_adapter)
     assert len(log) == 1 and log[0]["processes"] == 2 and log[0]["grad_norm"] > 0
+    assert (log[0]["kl"] > 0) == bool(kl_adapter)
     # both users' groups were rolled out (one per process) and counted in the gathered statistics
     assert log[0]["policy_tokens"] > 0
     digests = {(out / f"rank{r}.txt").read_text() for r in (0, 1)}
@@ -316,6 +346,7 @@ def test_grpo_module_has_a_cli(capsys):
     [
         ("agents.grpo", ["--steps", "0"], "steps=0; must be >= 1"),
         ("agents.grpo", ["--gradient-checkpointing", "true", "--share-prefix", "true"], "exclude each other"),
+        ("agents.grpo", ["--kl-coef", "0.1", "--kl-reference", "adapter"], "kl_reference='adapter' needs a LoRA"),
         ("agents.sft", ["--episodes", "0"], "episodes=0; must be >= 1"),
         ("agents.curriculum", ["--group-size", "0"], "group_size=0; must be >= 1"),
         ("agents.curriculum", ["--warm-start", "history-facet", "--warm-start-epochs", "0"], "warm start: epochs=0"),

@@ -214,3 +214,87 @@ def test_token_bound_cuts_passes_and_keeps_the_update(lm, make_env, tiny_lm_path
         assert torch.allclose(a, b, atol=1e-5), name
     with pytest.raises(ValueError, match="micro_batch_tokens=-1"):
         GRPOArgs(micro_batch_tokens=-1)
+
+
+def _lora_policy(start: str, seed: int):
+    """A LoRA policy from ``start`` (a model or an adapter folder) whose adapter has moved away from it."""
+    from agents.llm import add_lora
+
+    policy = add_lora(load_causal_lm(start, trainable_adapter=True)[0], 4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return policy
+
+
+@pytest.mark.parametrize("from_adapter", [False, True])
+def test_a_lora_policys_kl_reference_shares_its_base_weights(tmp_path, tiny_lm_path, make_env, from_adapter):
+    """``AdapterReference``: the stage's start (the base model, or a LoRA warm start loaded as a frozen second
+    adapter) on the policy's own weights gives a separate copy's log-probs, restores the policy afterwards, and
+    trains the same KL-penalised step."""
+    pytest.importorskip("peft")
+    from agents.llm import AdapterReference, reference_model
+    from agents.runs import save_checkpoint
+
+    start = str(tiny_lm_path)
+    if from_adapter:
+        warm = _lora_policy(start, seed=1)
+        warm.save_pretrained(tmp_path / "warm", save_embedding_layers=False)
+        start = str(tmp_path / "warm")
+    policy, tok = _lora_policy(start, seed=2), load_causal_lm(start)[1]
+    params = dict(policy.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    policy.train()
+    reference = AdapterReference(policy, start)
+    added = {n for n, _ in policy.named_parameters()} - params.keys()
+    assert all("lora_" in n and ".reference." in n for n in added) and bool(added) == from_adapter  # no base copy
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable and policy.training
+    separate = load_causal_lm(start)[0]  # what the trainer loads without the shared reference (merged)
+    ids = torch.randint(3, 50, (2, 24), generator=torch.Generator().manual_seed(0))
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        own = token_logprobs(policy, ids, att, temperature=0.7)
+        with reference_model(reference) as m:
+            assert not m.training
+            shared = token_logprobs(m, ids, att, temperature=0.7)
+        torch.testing.assert_close(shared, token_logprobs(separate, ids, att, temperature=0.7), rtol=0, atol=1e-5)
+        assert (own - shared).abs().max() > 1e-2  # the policy is not its reference
+        assert torch.equal(token_logprobs(policy, ids, att, temperature=0.7), own)  # restored
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable and policy.training
+    # one KL-penalised training step each way: the same statistics and weights
+    rollouts = _rollouts((policy, tok), make_env)
+    adv = np.array([1.0, -1.0, 0.5, -0.5])
+    twin = _lora_policy(start, seed=2)
+    twin.train()
+    args = _args(mini_batches=2, kl_coef=0.5)
+    steps = []
+    for model, ref in ((policy, reference), (twin, separate)):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        steps.append(train_step(model, opt, rollouts, adv, args, tok.pad_token_id, ref_model=ref,
+                                rng=np.random.default_rng(0)))  # fmt: skip
+    assert steps[0]["kl"] > 0 and steps[0]["kl"] == pytest.approx(steps[1]["kl"], rel=1e-4)
+    assert steps[0]["loss"] == pytest.approx(steps[1]["loss"], rel=1e-4, abs=1e-6)
+    for (name, a), b in zip(twin.named_parameters(), (p for n, p in policy.named_parameters() if n in params),
+                            strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    # a checkpoint holds the trained adapter only, not the reference's frozen copy
+    save_checkpoint(tmp_path / "ckpt", policy, tok, opt, 0, args)
+    assert not (tmp_path / "ckpt" / "reference").exists()
+    with torch.no_grad():
+        reloaded = token_logprobs(load_causal_lm(str(tmp_path / "ckpt"))[0], ids, att, temperature=0.7)
+        torch.testing.assert_close(reloaded, token_logprobs(policy, ids, att, temperature=0.7), rtol=0, atol=1e-5)
+
+
+def test_adapter_reference_refuses_what_it_cannot_share(tmp_path, tiny_lm_path):
+    pytest.importorskip("peft")
+    from agents.llm import AdapterReference
+
+    with pytest.raises(ValueError, match="no peft adapter"):
+        AdapterReference(load_causal_lm(str(tiny_lm_path))[0], str(tiny_lm_path))
+    other = _lora_policy(str(tiny_lm_path), seed=1)
+    other.peft_config["default"].base_model_name_or_path = "some/other-model"
+    other.save_pretrained(tmp_path / "other", save_embedding_layers=False)
+    with pytest.raises(ValueError, match="adapter of 'some/other-model'"):
+        AdapterReference(_lora_policy(str(tiny_lm_path), seed=2), str(tmp_path / "other"))
