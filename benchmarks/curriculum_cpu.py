@@ -6,9 +6,9 @@
 ``--format-weight``, ``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``,
 ``--lr``, ``--kl-coef``, ``--mask-history``, the episode's size (``--prompt-history``, ``--retrieval-k``), the warm
 start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make
-variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens``
-and ``--share-prefix`` or ``--gradient-checkpointing`` set how a step runs (memory, speed). Only the default settings
-export the bundled adapter unless ``--export`` says where.
+variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens``,
+``--kl-reference`` and ``--share-prefix`` or ``--gradient-checkpointing`` set how a step runs (memory, speed). Only the
+default settings export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -289,7 +289,9 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"the second half of the training users whose target is in the TRM's top-{base.difficulty_top}",
         "per step": f"{base.users_per_step} users x {base.group_size} samples, {base.mini_batches} optimiser steps per "
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
-        f"whitening '{base.whiten}', KL {base.kl_coef}; update passes of at most {base.micro_batch} trajectories"
+        f"whitening '{base.whiten}', KL {base.kl_coef}"
+        + (" (reference: the warm start's adapter beside the policy's)" if base.kl_reference == "adapter" else "")
+        + f"; update passes of at most {base.micro_batch} trajectories"
         + (f" and {base.micro_batch_tokens} token positions" if base.micro_batch_tokens else "")
         + (", shared prompt prefix run once" if base.share_prefix else "")
         + (", gradient checkpointing" if base.gradient_checkpointing else ""),
@@ -379,6 +381,13 @@ def main(argv=None) -> None:
         default=CPU_ARGS.kl_coef,
         help=f"stage 2's KL penalty to the warm start (default {CPU_ARGS.kl_coef}: the reference has none)",
     )
+    ap.add_argument(
+        "--kl-reference",
+        choices=("copy", "adapter"),
+        default=CPU_ARGS.kl_reference,
+        help="where the KL's warm start lives: a second copy of the model, or its adapter beside the policy's on the "
+        f"same base weights (default {CPU_ARGS.kl_reference}; docs/training.md)",
+    )
     ap.add_argument("--steps", type=int, default=STEPS["rec"], help=f"stage 2's steps (default {STEPS['rec']})")
     sizes = {
         "prompt_history": "history items the prompt shows (warm start, stage 2 and validation alike)",
@@ -451,6 +460,7 @@ def main(argv=None) -> None:
     try:  # the settings classes refuse what the flags above cannot (gradient checkpointing with share_prefix)
         base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
                        difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
+                       kl_reference=args.kl_reference,
                        users_per_step=args.users_per_step, rollout_batch=args.rollout_batch,
                        micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens,
                        share_prefix=args.share_prefix, gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
