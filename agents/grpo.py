@@ -16,7 +16,7 @@ and the helpers it calls in that order. Checkpoints, logs, validation and curves
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from agents.llm import adapter_base, check_checkpointing, reference_model
-from agents.rollout import EpisodeSettings, Rollout, collect_rollouts, group_rewards, pad_batch, token_logprobs
+from agents.rollout import (
+    EpisodeSettings,
+    Rollout,
+    collect_rollouts,
+    group_rewards,
+    last_segment_only,
+    pad_batch,
+    token_logprobs,
+)
 from agents.runs import (
     _deepspeed,
     memory_gib,
@@ -73,6 +81,10 @@ class GRPOArgs(EpisodeSettings):
     policy only, its own base weights with the starting adapter beside the trained one
     (:class:`agents.llm.AdapterReference`): no second copy of the base model, the same log-probs up to float
     rounding. 'copy' by default: rounding differences change later samples, and the committed runs used it."""
+    train_segments: Literal["all", "answer"] = "all"
+    """Which generated tokens the loss (and the KL) covers: 'all' (the reference), or 'answer', each episode's last
+    segment only (the reasoning and answer after its last call; :func:`agents.rollout.last_segment_only`). An
+    ablation: the calls' tokens leave the update, though they share the weights it changes."""
     whiten: Literal["divide", "multiply", "none"] = "divide"
     """Global whitening of advantages: divide by the std (correct), multiply (the reference's bug), none."""
     temperature: float = 1.0
@@ -230,9 +242,12 @@ def train_step(model, optimizer, rollouts: list[Rollout], advantages: np.ndarray
     trajectories between mini-batches. With ``accelerator`` (several processes), gradients are synchronised
     once per optimiser step, on its last micro-batch. ``ref_model`` (a frozen model or an
     :class:`agents.llm.AdapterReference`) gives the KL penalty's reference log-probs when ``kl_coef`` > 0.
+    With ``train_segments="answer"`` only each episode's last segment is trained (and counted in ``policy_tokens``).
     """
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "share_prefix": args.share_prefix}  # fmt: skip
+    if args.train_segments == "answer":
+        rollouts = [replace(r, trajectory=last_segment_only(r.trajectory)) for r in rollouts]
     reuse = args.ppo_epochs * args.mini_batches > 1
     old = _old_logprobs(model, rollouts, args, pad_id, sampling) if reuse else None
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0, "sampler_gap": 0.0, "tokens": 0}

@@ -101,6 +101,24 @@ def episode_settings(args: EpisodeSettings) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(EpisodeSettings)}
 
 
+def last_segment_only(trajectory: Trajectory) -> Trajectory:
+    """A copy of ``trajectory`` whose only policy tokens are its last generated segment (after the last call).
+
+    The earlier segments (reasoning and tool calls) become context, like the environment's tokens: a loss on
+    the copy leaves their tokens out. Their log-probs become 0, as for every token outside the policy mask.
+    """
+    mask = list(trajectory.policy_mask)
+    start = len(mask)
+    while start > 0 and not mask[start - 1]:  # trailing context (none from LLMPolicy, which ends on a segment)
+        start -= 1
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    keep = [int(i >= start and m) for i, m in enumerate(mask)]
+    logprobs = [lp if k else 0.0 for lp, k in zip(trajectory.logprobs, keep, strict=True)]
+    return Trajectory(ids=list(trajectory.ids), policy_mask=keep, logprobs=logprobs,
+                      segments=list(trajectory.segments), n_prompt=trajectory.n_prompt)  # fmt: skip
+
+
 def pad_batch(trajectories: list[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` (policy tokens) of trajectories."""
     width = max(len(t.ids) for t in trajectories)

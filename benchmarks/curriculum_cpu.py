@@ -4,11 +4,12 @@
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 ``--format-weight``, ``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``,
-``--lr``, ``--kl-coef``, ``--mask-history``, the episode's size (``--prompt-history``, ``--retrieval-k``), the warm
-start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``) make
-variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens``,
-``--kl-reference`` and ``--share-prefix`` or ``--gradient-checkpointing`` set how a step runs (memory, speed). Only the
-default settings export the bundled adapter unless ``--export`` says where.
+``--lr``, ``--kl-coef``, ``--train-segments``, ``--mask-history``, the episode's size (``--prompt-history``,
+``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``,
+``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
+``--micro-batch``, ``--micro-batch-tokens``, ``--kl-reference`` and ``--share-prefix`` or ``--gradient-checkpointing``
+set how a step runs (memory, speed). Only the default settings export the bundled adapter unless ``--export`` says
+where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -294,7 +295,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         + f"; update passes of at most {base.micro_batch} trajectories"
         + (f" and {base.micro_batch_tokens} token positions" if base.micro_batch_tokens else "")
         + (", shared prompt prefix run once" if base.share_prefix else "")
-        + (", gradient checkpointing" if base.gradient_checkpointing else ""),
+        + (", gradient checkpointing" if base.gradient_checkpointing else "")
+        + ("; the loss on each episode's last segment only (not the calls)" if base.train_segments == "answer" else ""),
         "episode": f"last {base.prompt_history} history items in the prompt, top-{base.retrieval_k} items per call, "
         f"at most {base.max_new_tokens} new tokens per segment"
         + (", the user's history never retrieved (mask_history)" if mask_history else ""),
@@ -388,6 +390,13 @@ def main(argv=None) -> None:
         help="where the KL's warm start lives: a second copy of the model, or its adapter beside the policy's on the "
         f"same base weights (default {CPU_ARGS.kl_reference}; docs/training.md)",
     )
+    ap.add_argument(
+        "--train-segments",
+        choices=("all", "answer"),
+        default=CPU_ARGS.train_segments,
+        help="which generated tokens stage 2's loss covers: all, or each episode's last segment, after its last call "
+        f"(an ablation; default {CPU_ARGS.train_segments})",
+    )
     ap.add_argument("--steps", type=int, default=STEPS["rec"], help=f"stage 2's steps (default {STEPS['rec']})")
     sizes = {
         "prompt_history": "history items the prompt shows (warm start, stage 2 and validation alike)",
@@ -460,7 +469,7 @@ def main(argv=None) -> None:
     try:  # the settings classes refuse what the flags above cannot (gradient checkpointing with share_prefix)
         base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
                        difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
-                       kl_reference=args.kl_reference,
+                       kl_reference=args.kl_reference, train_segments=args.train_segments,
                        users_per_step=args.users_per_step, rollout_batch=args.rollout_batch,
                        micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens,
                        share_prefix=args.share_prefix, gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip

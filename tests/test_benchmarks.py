@@ -166,7 +166,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
              "--run", str(tmp_path / "run0"), "--format-weight", "2", "--point-weight", "0",
              "--retrieval-hit-weight", "2",
              "--difficulty-top", "50", "--lr", "0.0005", "--kl-coef", "0.05", "--kl-reference", "adapter",
-             "--mask-history", "--steps", "2",
+             "--train-segments", "answer", "--mask-history", "--steps", "2",
              "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
              "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2"]  # fmt: skip
     curriculum_cpu.main(argv0)
@@ -178,6 +178,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert settings["reward_weights"] == {**STAGES["rec"], "format": 2.0, "point": 0.0, "retrieval_hit": 2.0}
     assert settings["stage"]["difficulty_top"] == 50
     assert settings["stage"]["kl_coef"] == 0.05 and settings["stage"]["kl_reference"] == "adapter"
+    assert settings["stage"]["train_segments"] == "answer"
+    assert json.loads((out / "settings.json").read_text())["stage"]["train_segments"] == "all"
     assert not json.loads((out / "settings.json").read_text())["stage"]["kl_coef"]
     # the KL to the warm start, whose adapter is the reference: exactly 0 until the policy first moves (the tiny model
     # fails every episode alike here: no update); a moved policy's KL is tested in tests/test_grpo.py
@@ -194,11 +196,12 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert settings["stage"]["lr"] == 0.0005 and json.loads((out / "settings.json").read_text())["stage"]["lr"] == 2e-4
     assert settings["mask_history"] and not json.loads((out / "settings.json").read_text())["mask_history"]
     text = (other / "README.md").read_text()
-    flags = "--difficulty-top 50 --lr 0.0005 --kl-coef 0.05 --kl-reference adapter --mask-history"
+    flags = "--kl-coef 0.05 --kl-reference adapter --train-segments answer --mask-history"
     assert flags in text
     assert "format 2, hit 1, rank 1, point 0, retrieval_hit 2" in text
     assert "rollout batch, lr 0.0005," in text and "KL 0.05 (reference: the warm start's adapter beside" in text
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
+    assert "prompt prefix run once; the loss on each episode's last segment only (not the calls)" in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
     assert "last 4 history items in the prompt, top-12 items per call" in text
     # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said

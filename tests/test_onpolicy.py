@@ -298,3 +298,48 @@ def test_adapter_reference_refuses_what_it_cannot_share(tmp_path, tiny_lm_path):
     other.save_pretrained(tmp_path / "other", save_embedding_layers=False)
     with pytest.raises(ValueError, match="adapter of 'some/other-model'"):
         AdapterReference(_lora_policy(str(tiny_lm_path), seed=2), str(tmp_path / "other"))
+
+
+@given(runs=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=0, max_size=6))
+def test_last_segment_only_keeps_the_last_generated_run(runs):
+    from agents.llm import Trajectory
+    from agents.rollout import last_segment_only
+
+    t = Trajectory(n_prompt=3)
+    t.extend([1, 2, 3], policy=False)
+    for i, (context, generated) in enumerate(runs):  # an inserted item list, then a generated segment
+        t.extend([10 + i] * context, policy=False)
+        t.extend([20 + i] * generated, policy=True, logprobs=[-0.5 - i] * generated)
+    last = last_segment_only(t)
+    assert last.ids == t.ids and last.n_prompt == 3 and t.policy_mask != [] and len(last.logprobs) == len(t.ids)
+    kept = [i for i, m in enumerate(last.policy_mask) if m]
+    generated = [i for i, m in enumerate(t.policy_mask) if m]
+    if generated:  # one contiguous run, ending at the last generated token, that nothing generated precedes directly
+        assert kept and kept == list(range(kept[0], generated[-1] + 1)) and set(kept) <= set(generated)
+        assert kept[0] == 0 or not t.policy_mask[kept[0] - 1]
+    else:
+        assert kept == []
+    assert all(lp == (t.logprobs[i] if i in kept else 0.0) for i, lp in enumerate(last.logprobs))
+
+
+def test_answer_only_training_leaves_the_calls_out_of_the_loss(lm, make_env, tiny_lm_path):
+    """``train_segments="answer"``: the same step as training on trajectories whose earlier segments are context."""
+    from agents.rollout import last_segment_only
+
+    model, tok, other, rollouts, adv = _twin(lm, make_env, tiny_lm_path)
+    # the tiny model answers at once; give each episode an earlier generated segment (a call) inside its prompt
+    for r in rollouts:
+        t, n = r.trajectory, r.trajectory.n_prompt
+        t.policy_mask[n - 6 : n - 3] = [1, 1, 1]
+        t.logprobs[n - 6 : n - 3] = [-1.0, -1.0, -1.0]
+    args = _args(mini_batches=2, train_segments="answer")
+    stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts, adv, args, tok.pad_token_id,
+                       rng=np.random.default_rng(0))  # fmt: skip
+    cut = [replace(r, trajectory=last_segment_only(r.trajectory)) for r in rollouts]
+    everything = replace(args, train_segments="all")
+    by_hand = train_step(other, torch.optim.SGD(other.parameters(), lr=0.1), cut, adv, everything, tok.pad_token_id,
+                         rng=np.random.default_rng(0))  # fmt: skip
+    assert stats == by_hand
+    assert stats["policy_tokens"] < sum(sum(r.trajectory.policy_mask) for r in rollouts)
+    for (name, a), b in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b), name
