@@ -34,6 +34,7 @@ import shlex
 import shutil
 import sys
 import time
+import typing
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -383,20 +384,17 @@ def main(argv=None) -> None:
         default=CPU_ARGS.kl_coef,
         help=f"stage 2's KL penalty to the warm start (default {CPU_ARGS.kl_coef}: the reference has none)",
     )
-    ap.add_argument(
-        "--kl-reference",
-        choices=("copy", "adapter"),
-        default=CPU_ARGS.kl_reference,
-        help="where the KL's warm start lives: a second copy of the model, or its adapter beside the policy's on the "
-        f"same base weights (default {CPU_ARGS.kl_reference}; docs/training.md)",
-    )
-    ap.add_argument(
-        "--train-segments",
-        choices=("all", "answer"),
-        default=CPU_ARGS.train_segments,
-        help="which generated tokens stage 2's loss covers: all, or each episode's last segment, after its last call "
-        f"(an ablation; default {CPU_ARGS.train_segments})",
-    )
+    choices = {  # stage 2's settings with a fixed set of values: GRPOArgs' own (its Literal types)
+        "kl_reference": "where the KL's warm start lives: a second copy of the model, or its adapter beside the "
+        "policy's on the same base weights (docs/training.md)",
+        "train_segments": "which generated tokens stage 2's loss covers: all, or each episode's last segment, after "
+        "its last call (an ablation)",
+    }
+    hints = typing.get_type_hints(GRPOArgs)
+    for field, text in choices.items():
+        default = getattr(CPU_ARGS, field)
+        ap.add_argument("--" + field.replace("_", "-"), choices=typing.get_args(hints[field]), default=default,
+                        help=f"{text} (default {default})")  # fmt: skip
     ap.add_argument("--steps", type=int, default=STEPS["rec"], help=f"stage 2's steps (default {STEPS['rec']})")
     sizes = {
         "prompt_history": "history items the prompt shows (warm start, stage 2 and validation alike)",
