@@ -6,7 +6,7 @@
 ``--format-weight``, ``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``,
 ``--lr``, ``--kl-coef``, ``--train-segments``, ``--mask-history``, the episode's size (``--prompt-history``,
 ``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``,
-``--users-per-step``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
+``--users-per-step``, ``--group-size``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
 ``--micro-batch``, ``--micro-batch-tokens``, ``--kl-reference`` and ``--share-prefix`` or ``--gradient-checkpointing``
 set how a step runs (memory, speed). Only the default settings export the bundled adapter unless ``--export`` says
 where.
@@ -289,7 +289,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         "stage 2": f"rec rewards weighted {weights_text(weights)}, {steps['rec']} step{'s' * (steps['rec'] != 1)} "
         "from the warm start, "
         f"the second half of the training users whose target is in the TRM's top-{base.difficulty_top}",
-        "per step": f"{base.users_per_step} users x {base.group_size} samples, {base.mini_batches} optimiser steps per "
+        "per step": f"{base.users_per_step} user{'s' * (base.users_per_step != 1)} x {base.group_size} samples, "
+        f"{base.mini_batches} optimiser steps per "
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
         f"whitening '{base.whiten}', KL {base.kl_coef}"
         + (" (reference: the warm start's adapter beside the policy's)" if base.kl_reference == "adapter" else "")
@@ -399,7 +400,8 @@ def main(argv=None) -> None:
     sizes = {
         "prompt_history": "history items the prompt shows (warm start, stage 2 and validation alike)",
         "retrieval_k": "items each call retrieves (warm start, stage 2 and validation alike)",
-        "users_per_step": f"users per stage-2 step, {CPU_ARGS.group_size} samples each",
+        "users_per_step": "users per stage-2 step",
+        "group_size": "sampled episodes per user in a stage-2 step (the group its advantages compare)",
         "rollout_batch": "episodes sampled in lock step",
         "micro_batch": "trajectories per forward/backward pass of the update",
         "micro_batch_tokens": "at most this many padded token positions per pass (0: no bound; docs/training.md)",
@@ -458,7 +460,7 @@ def main(argv=None) -> None:
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
     positive = ("steps", "warmstart_episodes", "warmstart_epochs", "prompt_history", "retrieval_k", "users_per_step",
-                "rollout_batch", "micro_batch")  # fmt: skip
+                "group_size", "rollout_batch", "micro_batch")  # fmt: skip
     for flag in positive:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
@@ -468,7 +470,8 @@ def main(argv=None) -> None:
         base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
                        difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
                        kl_reference=args.kl_reference, train_segments=args.train_segments,
-                       users_per_step=args.users_per_step, rollout_batch=args.rollout_batch,
+                       users_per_step=args.users_per_step, group_size=args.group_size,
+                       rollout_batch=args.rollout_batch,
                        micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens,
                        share_prefix=args.share_prefix, gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
         warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs,
@@ -495,8 +498,8 @@ def main(argv=None) -> None:
         from deeprec_env.trm import TRMConfig
 
         # smoke sizes, where the flags left the CPU run's
-        small = unset({"users_per_step": 1, "rollout_batch": 2}, base, CPU_ARGS)
-        base = replace(base, **small, group_size=2, max_new_tokens=8, lora_r=2, dataset="synthetic")
+        small = unset({"users_per_step": 1, "group_size": 2, "rollout_batch": 2}, base, CPU_ARGS)
+        base = replace(base, **small, max_new_tokens=8, lora_r=2, dataset="synthetic")
         warm = replace(warm, **unset({"episodes": 2, "epochs": 1}, warm, CPU_WARM), batch=2, lora_r=2)
         steps = {"coldstart": 0, "rec": 1 if steps == STEPS else steps["rec"]}
         n_val = 3 if n_val == VAL_USERS else n_val

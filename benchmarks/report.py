@@ -27,6 +27,7 @@ SECTIONS = [
     ("trm_quality", "python -m benchmarks.trm_quality"),
     ("trm_sweep", "python -m benchmarks.trm_sweep " + " ".join(SWEEP)),
     ("reward_probe", "python -m benchmarks.reward_probe"),
+    ("curriculum_runs", "python -m benchmarks.curriculum_runs   # every committed benchmarks.curriculum_cpu run"),
     ("retrieval_speed", "python -m benchmarks.retrieval_speed"),
     ("env_speed", "python -m benchmarks.env_speed"),
     ("llm_speed", "python -m benchmarks.llm_speed"),

@@ -166,7 +166,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
              "--run", str(tmp_path / "run0"), "--format-weight", "2", "--point-weight", "0",
              "--retrieval-hit-weight", "2",
              "--difficulty-top", "50", "--lr", "0.0005", "--kl-coef", "0.05", "--kl-reference", "adapter",
-             "--train-segments", "answer", "--mask-history", "--steps", "2",
+             "--train-segments", "answer", "--mask-history", "--steps", "2", "--group-size", "3",
              "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
              "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2"]  # fmt: skip
     curriculum_cpu.main(argv0)
@@ -177,6 +177,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert not json.loads((out / "settings.json").read_text())["stage"]["share_prefix"]
     assert settings["reward_weights"] == {**STAGES["rec"], "format": 2.0, "point": 0.0, "retrieval_hit": 2.0}
     assert settings["stage"]["difficulty_top"] == 50
+    assert settings["stage"]["group_size"] == 3
+    assert json.loads((out / "settings.json").read_text())["stage"]["group_size"] == 2
     assert settings["stage"]["kl_coef"] == 0.05 and settings["stage"]["kl_reference"] == "adapter"
     assert settings["stage"]["train_segments"] == "answer"
     assert json.loads((out / "settings.json").read_text())["stage"]["train_segments"] == "all"
@@ -203,6 +205,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
     assert "prompt prefix run once; the loss on each episode's last segment only (not the calls)" in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
+    assert "1 user x 3 samples" in text and "groups (one user's 3 samples each)" in text
     assert "last 4 history items in the prompt, top-12 items per call" in text
     # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said
     curriculum_cpu.main([*argv0, "--val-users", "2"])
@@ -241,6 +244,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--prompt-history", "0"],
         ["--retrieval-k", "0"],
         ["--users-per-step", "0"],
+        ["--group-size", "0"],
         ["--micro-batch", "0"],
         ["--micro-batch-tokens", "-1"],
         ["--gradient-checkpointing"],  # argv0 shares the prompt prefix
@@ -486,3 +490,63 @@ def test_update_memory_smoke(tmp_path, tiny_lm_path):
             update_memory.main(["--shapes", bad])
     with pytest.raises(SystemExit):
         update_memory.main(["--checkpointing", "sometimes"])
+
+
+def test_curriculum_runs_reproduce_each_runs_printed_difference():
+    """The table recomputes every committed run's paired NDCG@10 difference as the run printed it, and is current."""
+    from benchmarks.common import RESULTS
+    from benchmarks.curriculum_runs import collect, report
+
+    rows, _ = collect(RESULTS)
+    assert len(rows) >= 18
+    for row in rows:
+        readme = (RESULTS / row["results"] / "README.md").read_text()
+        means = f"| ndcg@10 | {row['ndcg@10 before']:.4f} | {row['ndcg@10 after']:.4f} |"
+        assert f"{means} {row['after - before (95% CI)']} over {row['users']} users |" in readme, row["results"]
+    committed = json.loads((RESULTS / "curriculum_runs.json").read_text())
+    assert committed["runs"] == json.loads(json.dumps(rows)), "stale: run python -m benchmarks.curriculum_runs"
+    assert (RESULTS / "curriculum_runs.md").read_text() == report(*collect(RESULTS)) + "\n"
+
+
+def test_curriculum_runs_table_of_synthetic_runs(tmp_path, capsys):
+    from benchmarks.curriculum_cpu import compare_validation
+    from benchmarks.curriculum_runs import main
+
+    def episode(user, ndcg, fail=0.0):
+        return {"example": user, "ndcg@10": ndcg, "recall@10": float(ndcg > 0), "format_fail": fail, "calls": 1.0}
+
+    before = [episode(u, 0.0, fail=float(u == 0)) for u in range(20)]
+    after = [episode(u, 0.5 if u < 15 else 0.0) for u in range(20)]
+    run = tmp_path / "res" / "curriculum_cpu_up"
+    run.mkdir(parents=True)
+    val = {**compare_validation(before, after, seed=3), "before": before, "after": after,
+           "scripted": [{"agent": "trm-only", "ndcg@10": 0.1}], "trm": "weights abc123 (docs/trm.md)"}  # fmt: skip
+    (run / "validation.json").write_text(json.dumps(val))
+    (run / "settings.json").write_text(json.dumps({"stage": {"seed": 3}, "steps": {"coldstart": 0, "rec": 5}}))
+    cmd = "python -m benchmarks.curriculum_cpu --lr 1e-3 --run runs/x --out benchmarks/results/curriculum_cpu_up"
+    (run / "README.md").write_text(f"# run\n\n```bash\n{cmd}\n```\n")
+    (tmp_path / "res" / "curriculum_cpu_stopped").mkdir()
+    (tmp_path / "res" / "curriculum_cpu_stopped" / "NOTES.md").write_text("# Two runs that did not finish\n\nmore\n")
+    (tmp_path / "res" / "other").mkdir()  # not a curriculum_cpu folder: ignored
+    out = tmp_path / "out"
+    main(["--results", str(tmp_path / "res"), "--out", str(out)])
+    data = json.loads((out / "curriculum_runs.json").read_text())
+    (row,) = data["runs"]
+    printed = next(r for r in val["rows"] if r["quantity"] == "ndcg@10")["paired difference (95% CI)"]
+    assert printed == f"{row['after - before (95% CI)']} over 20 users" and row["moved"] == "up"
+    assert (row["flags"], row["run folder"], row["trm"], row["stage-2 steps"]) == ("--lr 1e-3", "runs/x", "abc123", 5)
+    assert (row["better / worse"], row["format failures"], row["trm-only"]) == ("15 / 0", "0.050 -> 0.000", 0.1)
+    assert row["after - trm-only (95% CI)"] == "-"  # the run did not print it
+    assert data["unvalidated"] == [{"results": "curriculum_cpu_stopped", "note": "Two runs that did not finish"}]
+    md = (out / "curriculum_runs.md").read_text()
+    assert "1 validated run: the interval of after - before lies above 0 in 1, below 0 in 0" in md
+    assert "- `curriculum_cpu_stopped`: Two runs that did not finish" in md
+    assert (out / "curriculum_runs.png").stat().st_size > 0
+    # after and before of other users: an error naming the folder, not a silently wrong difference
+    (run / "validation.json").write_text(json.dumps({**val, "after": after[:-1]}))
+    with pytest.raises(ValueError, match="curriculum_cpu_up: the validations before and after are not of the same"):
+        main(["--results", str(tmp_path / "res"), "--out", str(out)])
+    for bad in ([str(tmp_path / "missing")], [str(tmp_path / "out")]):  # no folder; no validated run in it
+        with pytest.raises(SystemExit):
+            main(["--results", *bad, "--out", str(out)])
+    assert "no curriculum_cpu*/ folder holds validation.json" in capsys.readouterr().err
