@@ -79,7 +79,8 @@ def summarize_run(folder: Path) -> dict:
                                         {u: r["ndcg@10"] for u, r in before.items()}, seed)  # fmt: skip
     moved = [after[u]["ndcg@10"] - before[u]["ndcg@10"] for u in before]
     fails = [np.mean([r["format_fail"] for r in v.values()]) for v in (before, after)]
-    flags, run = flags_of(command_of(folder / "README.md"))
+    command = command_of(folder / "README.md")
+    flags, run = flags_of(command) if command else ("(no command in README.md)", "not recorded")
     trm = val.get("trm", "")
     trm_only, trm_only_after = scripted(val, "trm-only")
     return {

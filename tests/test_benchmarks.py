@@ -542,6 +542,10 @@ def test_curriculum_runs_table_of_synthetic_runs(tmp_path, capsys):
     assert "1 validated run: the interval of after - before lies above 0 in 1, below 0 in 0" in md
     assert "- `curriculum_cpu_stopped`: Two runs that did not finish" in md
     assert (out / "curriculum_runs.png").stat().st_size > 0
+    (run / "README.md").write_text("# a README naming no command\n")  # not read as the default command
+    main(["--results", str(tmp_path / "res"), "--out", str(out)])
+    (row,) = json.loads((out / "curriculum_runs.json").read_text())["runs"]
+    assert (row["flags"], row["run folder"]) == ("(no command in README.md)", "not recorded")
     # after and before of other users: an error naming the folder, not a silently wrong difference
     (run / "validation.json").write_text(json.dumps({**val, "after": after[:-1]}))
     with pytest.raises(ValueError, match="curriculum_cpu_up: the validations before and after are not of the same"):
