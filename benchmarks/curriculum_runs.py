@@ -52,15 +52,16 @@ def flags_of(command: str) -> tuple[str, str]:
     return (" ".join(kept) or "(defaults)"), run
 
 
-def scripted(val: dict, agent: str) -> tuple[float | str, str]:
-    """``agent``'s validation NDCG@10, and the run's printed paired difference (LLM after stage 2 - ``agent``).
+def scripted(val: dict, agent: str) -> tuple[float | str, str, str]:
+    """``agent``'s validation NDCG@10 and the run's printed paired differences (LLM before, after stage 2 - ``agent``).
 
-    "-" for either that the run did not record.
+    "-" for what the run did not record.
     """
     for row in val.get("scripted", []):
         if row.get("agent") == agent:
-            return row.get("ndcg@10", "-"), row.get("LLM after - agent (95% CI)", "-")
-    return "-", "-"
+            before, after = (row.get(f"LLM {w} - agent (95% CI)", "-") for w in ("before", "after"))
+            return row.get("ndcg@10", "-"), before, after
+    return "-", "-", "-"
 
 
 def summarize_run(folder: Path) -> dict:
@@ -82,7 +83,7 @@ def summarize_run(folder: Path) -> dict:
     command = command_of(folder / "README.md")
     flags, run = flags_of(command) if command else ("(no command in README.md)", "not recorded")
     trm = val.get("trm", "")
-    trm_only, trm_only_after = scripted(val, "trm-only")
+    trm_only, trm_only_before, trm_only_after = scripted(val, "trm-only")
     return {
         "results": folder.name,
         "flags": flags,
@@ -100,6 +101,7 @@ def summarize_run(folder: Path) -> dict:
         "better / worse": f"{sum(d > 0 for d in moved)} / {sum(d < 0 for d in moved)}",
         "format failures": f"{fails[0]:.3f} -> {fails[1]:.3f}",
         "trm-only": trm_only,
+        "before - trm-only (95% CI)": trm_only_before,
         "after - trm-only (95% CI)": trm_only_after,
     }
 
@@ -140,7 +142,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 COLUMNS = ["results", "users", "stage-2 steps", "trm", "ndcg@10 before", "ndcg@10 after", "after - before (95% CI)",
-           "better / worse", "format failures", "trm-only", "after - trm-only (95% CI)"]  # fmt: skip
+           "better / worse", "format failures", "trm-only", "before - trm-only (95% CI)",
+           "after - trm-only (95% CI)"]  # fmt: skip
 
 
 def report(rows: list[dict], unvalidated: list[dict]) -> str:
@@ -169,7 +172,8 @@ def report(rows: list[dict], unvalidated: list[dict]) -> str:
         "better / worse": "validation users whose NDCG@10 rose / fell",
         "format failures": "share of validation episodes failing the format, before -> after",
         "trm-only": "NDCG@10 of trm-only (one call without a preference, its top 10) on the same validation episodes",
-        "after - trm-only": "as the run printed it, paired on the same episodes ('-': the run predates it)",
+        "before / after - trm-only": "LLM before / after stage 2 - trm-only, paired on the same episodes, as the run "
+        "printed it ('-': the run predates it)",
         "trm": "the TRM weights' digest (runs on other digests trained their TRM on another machine; docs/trm.md)",
         "rows with the same run folder": "validate the same checkpoints (on more users)",
     }

@@ -536,7 +536,7 @@ def test_curriculum_runs_table_of_synthetic_runs(tmp_path, capsys):
     assert printed == f"{row['after - before (95% CI)']} over 20 users" and row["moved"] == "up"
     assert (row["flags"], row["run folder"], row["trm"], row["stage-2 steps"]) == ("--lr 1e-3", "runs/x", "abc123", 5)
     assert (row["better / worse"], row["format failures"], row["trm-only"]) == ("15 / 0", "0.050 -> 0.000", 0.1)
-    assert row["after - trm-only (95% CI)"] == "-"  # the run did not print it
+    assert row["before - trm-only (95% CI)"] == row["after - trm-only (95% CI)"] == "-"  # the run did not print them
     assert data["unvalidated"] == [{"results": "curriculum_cpu_stopped", "note": "Two runs that did not finish"}]
     md = (out / "curriculum_runs.md").read_text()
     assert "1 validated run: the interval of after - before lies above 0 in 1, below 0 in 0" in md
