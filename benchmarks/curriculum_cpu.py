@@ -257,8 +257,9 @@ def signal_text(rows: list[dict], users_per_step: int, group_size: int, weights:
     calls = ""
     measured = any(r.get("reward_retrieval_hit", 0) > 0 for r in rows) and "signal_groups_retrieval_hit" in rows[0]
     if measured and not weights.get("retrieval_hit"):
+        k = groups("signal_groups_retrieval_hit")
         calls = (f" The samples' calls differed in retrieving the target (`retrieval_hit`, weight 0 in this run) "
-                 f"inside {groups('signal_groups_retrieval_hit')} groups.")  # fmt: skip
+                 f"inside {k} group{'s' * (k != 1)}.")  # fmt: skip
     return (
         f"Learning signal: the rewards differed inside {groups('signal_groups')} of the {n} groups (one user's "
         f"{group_size} samples each); by component: {by_part or 'none'}. {hits} of {n * group_size} sampled "

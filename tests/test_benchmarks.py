@@ -448,7 +448,7 @@ def test_curriculum_signal_text_counts_groups_by_component():
     assert "retrieving" not in text  # no retrieval_hit in the log
     for r, n in zip(rows, (0.5, 0.0), strict=True):
         r.update(reward_retrieval_hit=0.3, signal_groups_retrieval_hit=n)
-    assert "calls differed in retrieving the target (`retrieval_hit`, weight 0 in this run) inside 1 groups" in (
+    assert "calls differed in retrieving the target (`retrieval_hit`, weight 0 in this run) inside 1 group." in (
         signal_text(rows, 2, 4, weights))  # fmt: skip
     weighted = signal_text(rows, 2, 4, {**weights, "retrieval_hit": 1.0})  # counted once, among the components
     assert "retrieval_hit 1" in weighted and "retrieving" not in weighted
