@@ -4,12 +4,12 @@
     python -m benchmarks.curriculum_cpu --smoke     # tiny synthetic run (seconds; used by the tests)
 
 ``--format-weight``, ``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``,
-``--lr``, ``--kl-coef``, ``--train-segments``, ``--mask-history``, the episode's size (``--prompt-history``,
-``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the step's (``--steps``,
-``--users-per-step``, ``--group-size``) make variants (with ``--run`` and ``--out`` of their own); ``--rollout-batch``,
-``--micro-batch``, ``--micro-batch-tokens``, ``--kl-reference`` and ``--share-prefix`` or ``--gradient-checkpointing``
-set how a step runs (memory, speed). Only the default settings export the bundled adapter unless ``--export`` says
-where.
+``--lr``, ``--temperature``, ``--kl-coef``, ``--train-segments``, ``--mask-history``, the episode's size
+(``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the
+step's (``--steps``, ``--users-per-step``, ``--group-size``) make variants (with ``--run`` and ``--out`` of their own);
+``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens``, ``--kl-reference`` and ``--share-prefix`` or
+``--gradient-checkpointing`` set how a step runs (memory, speed). Only the default settings export the bundled
+adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -380,6 +380,9 @@ def main(argv=None) -> None:
         f"(default {CPU_ARGS.difficulty_top})",
     )
     ap.add_argument("--lr", type=float, default=CPU_ARGS.lr, help=f"stage 2's learning rate (default {CPU_ARGS.lr})")
+    ap.add_argument("--temperature", type=float, default=CPU_ARGS.temperature,
+                    help=f"stage 2's sampling temperature, the loss's too (default {CPU_ARGS.temperature}; the "
+                    "paper's 1.0)")  # fmt: skip
     ap.add_argument(
         "--kl-coef",
         type=float,
@@ -469,7 +472,8 @@ def main(argv=None) -> None:
         ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
     try:  # the settings classes refuse what the flags above cannot (gradient checkpointing with share_prefix)
         base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
-                       difficulty_top=args.difficulty_top, lr=args.lr, kl_coef=args.kl_coef,
+                       difficulty_top=args.difficulty_top, lr=args.lr, temperature=args.temperature,
+                       kl_coef=args.kl_coef,
                        kl_reference=args.kl_reference, train_segments=args.train_segments,
                        users_per_step=args.users_per_step, group_size=args.group_size,
                        rollout_batch=args.rollout_batch,

@@ -167,7 +167,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
              "--retrieval-hit-weight", "2",
              "--difficulty-top", "50", "--lr", "0.0005", "--kl-coef", "0.05", "--kl-reference", "adapter",
              "--train-segments", "answer", "--mask-history", "--steps", "2", "--group-size", "3",
-             "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
+             "--temperature", "0.9", "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
              "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
@@ -178,6 +178,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert settings["reward_weights"] == {**STAGES["rec"], "format": 2.0, "point": 0.0, "retrieval_hit": 2.0}
     assert settings["stage"]["difficulty_top"] == 50
     assert settings["stage"]["group_size"] == 3
+    assert settings["stage"]["temperature"] == 0.9
+    assert json.loads((out / "settings.json").read_text())["stage"]["temperature"] == 0.7
     assert json.loads((out / "settings.json").read_text())["stage"]["group_size"] == 2
     assert settings["stage"]["kl_coef"] == 0.05 and settings["stage"]["kl_reference"] == "adapter"
     assert settings["stage"]["train_segments"] == "answer"
@@ -205,6 +207,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
     assert "prompt prefix run once; the loss on each episode's last segment only (not the calls)" in text
     assert "in the TRM's top-50" in text and "history never retrieved" in text
+    assert "sampling temperature 0.9" in text
     assert "1 user x 3 samples" in text and "groups (one user's 3 samples each)" in text
     assert "last 4 history items in the prompt, top-12 items per call" in text
     # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said
@@ -238,6 +241,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--difficulty-top", "0"],
         ["--val-users", "0"],
         ["--lr", "0"],
+        ["--temperature", "0"],
+        ["--temperature", "nan"],
         ["--steps", "0"],
         ["--warmstart-episodes", "0"],
         ["--warmstart-epochs", "0"],
