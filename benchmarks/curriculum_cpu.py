@@ -205,10 +205,14 @@ def compare_validation(before: list[dict], after: list[dict], seed: int, weights
             mean, lo, hi, n = paired_difference({r["example"]: r[k] for r in kept},
                                                 {r["example"]: r[k] for r in before}, seed)  # fmt: skip
             row["paired difference (95% CI)"] = f"{interval_text(mean, lo, hi)} over {n} users"
+    return {"users": len(before), "rows": rows, "changed": changed_users(before, after)}
+
+
+def changed_users(before: list[dict], after: list[dict]) -> dict[str, int]:
+    """``{"better": n, "worse": m}``: validation users whose NDCG@10 rose / fell from ``before`` to ``after``."""
     by_user = {r["example"]: r["ndcg@10"] for r in before}
     moved = [r["ndcg@10"] - by_user[r["example"]] for r in after if r["example"] in by_user]
-    changed = {"better": sum(d > 0 for d in moved), "worse": sum(d < 0 for d in moved)}
-    return {"users": len(before), "rows": rows, "changed": changed}
+    return {"better": sum(d > 0 for d in moved), "worse": sum(d < 0 for d in moved)}
 
 
 def weights_text(weights: dict[str, float]) -> str:
@@ -463,22 +467,17 @@ def main(argv=None) -> None:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
-    positive = ("steps", "warmstart_episodes", "warmstart_epochs", "prompt_history", "retrieval_k", "users_per_step",
-                "group_size", "rollout_batch", "micro_batch")  # fmt: skip
+    positive = ("steps", "warmstart_episodes", "warmstart_epochs", *(f for f in sizes if f != "micro_batch_tokens"))
     for flag in positive:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
     if args.micro_batch_tokens < 0:
         ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
     try:  # the settings classes refuse what the flags above cannot (gradient checkpointing with share_prefix)
-        base = replace(CPU_ARGS, prompt_history=args.prompt_history, retrieval_k=args.retrieval_k,
+        base = replace(CPU_ARGS, **{f: getattr(args, f) for f in (*sizes, *choices)},
                        difficulty_top=args.difficulty_top, lr=args.lr, temperature=args.temperature,
-                       kl_coef=args.kl_coef,
-                       kl_reference=args.kl_reference, train_segments=args.train_segments,
-                       users_per_step=args.users_per_step, group_size=args.group_size,
-                       rollout_batch=args.rollout_batch,
-                       micro_batch=args.micro_batch, micro_batch_tokens=args.micro_batch_tokens,
-                       share_prefix=args.share_prefix, gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+                       kl_coef=args.kl_coef, share_prefix=args.share_prefix,
+                       gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
         warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
     except ValueError as e:

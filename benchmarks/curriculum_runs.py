@@ -23,6 +23,7 @@ import numpy as np
 
 from agents.evaluate import interval_text, paired_difference
 from benchmarks.common import RESULTS, markdown_table, protocol_text, write_results
+from benchmarks.curriculum_cpu import changed_users
 
 PREFIX = "curriculum_cpu"
 """Results folders read: those under ``--results`` whose name starts with this."""
@@ -78,7 +79,6 @@ def summarize_run(folder: Path) -> dict:
     seed = settings.get("stage", {}).get("seed", 0)
     mean, lo, hi, n = paired_difference({u: r["ndcg@10"] for u, r in after.items()},
                                         {u: r["ndcg@10"] for u, r in before.items()}, seed)  # fmt: skip
-    moved = [after[u]["ndcg@10"] - before[u]["ndcg@10"] for u in before]
     fails = [np.mean([r["format_fail"] for r in v.values()]) for v in (before, after)]
     command = command_of(folder / "README.md")
     flags, run = flags_of(command) if command else ("(no command in README.md)", "not recorded")
@@ -98,7 +98,7 @@ def summarize_run(folder: Path) -> dict:
         "high": hi,
         "after - before (95% CI)": interval_text(mean, lo, hi),
         "moved": "up" if lo > 0 else "down" if hi < 0 else "no",
-        "better / worse": f"{sum(d > 0 for d in moved)} / {sum(d < 0 for d in moved)}",
+        "better / worse": "{better} / {worse}".format(**changed_users(val["before"], val["after"])),
         "format failures": f"{fails[0]:.3f} -> {fails[1]:.3f}",
         "trm-only": trm_only,
         "before - trm-only (95% CI)": trm_only_before,
