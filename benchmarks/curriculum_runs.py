@@ -23,7 +23,7 @@ import numpy as np
 
 from agents.evaluate import interval_text, paired_difference
 from benchmarks.common import RESULTS, markdown_table, protocol_text, write_results
-from benchmarks.curriculum_cpu import changed_users
+from benchmarks.curriculum_cpu import CPU_ARGS, changed_users
 
 PREFIX = "curriculum_cpu"
 """Results folders read: those under ``--results`` whose name starts with this."""
@@ -42,7 +42,7 @@ def command_of(readme: Path) -> str:
 def flags_of(command: str) -> tuple[str, str]:
     """``(flags, run folder)`` of a command: its flags but ``--run``/``--out``/``--export``, and ``--run``'s value."""
     words = shlex.split(command)[len(shlex.split(COMMAND)) :]
-    kept, run, i = [], "runs/curriculum-cpu", 0
+    kept, run, i = [], CPU_ARGS.out, 0  # without --run, the default run folder
     while i < len(words):
         if words[i] in OWN_FLAGS:
             run = words[i + 1] if words[i] == "--run" and i + 1 < len(words) else run
