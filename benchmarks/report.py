@@ -28,6 +28,11 @@ SECTIONS = [
     ("trm_sweep", "python -m benchmarks.trm_sweep " + " ".join(SWEEP)),
     ("reward_probe", "python -m benchmarks.reward_probe"),
     ("curriculum_runs", "python -m benchmarks.curriculum_runs   # every committed benchmarks.curriculum_cpu run"),
+    (
+        "rl_headroom",
+        "python -m benchmarks.rl_headroom --model runs/curriculum-cpu/warmstart/checkpoint "
+        "agents/adapters/smollm2-deeprec   # the first: python -m benchmarks.curriculum_cpu's warm start",
+    ),
     ("retrieval_speed", "python -m benchmarks.retrieval_speed"),
     ("env_speed", "python -m benchmarks.env_speed"),
     ("llm_speed", "python -m benchmarks.llm_speed"),

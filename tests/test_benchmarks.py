@@ -559,3 +559,34 @@ def test_curriculum_runs_table_of_synthetic_runs(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--results", *bad, "--out", str(out)])
     assert "no curriculum_cpu*/ folder holds validation.json" in capsys.readouterr().err
+
+
+def test_rl_headroom_smoke_and_counts(tmp_path, tiny_lm_path, tiny_encoder_path):
+    from types import SimpleNamespace as N
+
+    from benchmarks import rl_headroom
+
+    rl_headroom.main(["--smoke", "--model", str(tiny_lm_path), str(tiny_lm_path), "--encoder", str(tiny_encoder_path),
+                      "--users", "3", "--group-size", "2", "--temperatures", "1.0", "--batch", "4",
+                      "--out", str(tmp_path)])  # fmt: skip
+    data = json.loads((tmp_path / "rl_headroom_smoke.json").read_text())
+    greedy, sampled, greedy2, sampled2 = data["rows"]  # per model: greedy, then each temperature
+    assert greedy2 == greedy and sampled2 == sampled  # the same model twice: the same users, the same seeded draws
+    assert (greedy["temperature"], greedy["samples"], sampled["samples"]) == ("0 (greedy)", 3, 6)
+    assert greedy["call found"] == greedy["call lost"] == 0 and greedy["best-of-G - greedy"] == 0.0
+    assert len(set(data["users"])) == 3
+
+    def ep(ret, ndcg, fail=False):
+        return N(reward=ndcg, retrieved_rank=ret, format_errors=["x"] if fail else [],
+                 episode_reward_components={"hit": float(ndcg > 0)}, metrics={"ndcg@10": ndcg})  # fmt: skip
+
+    # user 0: greedy retrieved and hit, one sample lost the call; user 1: greedy missed, a sample found and hit
+    row = rl_headroom.summarize([ep(2, 0.5), ep(-1, 0.0)], [ep(2, 0.5), ep(-1, 0.0, True), ep(-1, 0.0), ep(4, 1.0)], 2)
+    assert (row["reward differs"], row["retrieval differs"], row["hit differs"]) == (2, 2, 2)
+    assert (row["call found"], row["call lost"], row["target retrieved"]) == (1, 1, 0.5)
+    assert row["best-of-G - greedy"] == 0.5 and row["format failures"] == 0.25 and row["ndcg@10"] == 0.375
+    with pytest.raises(ValueError, match="3 sampled records"):
+        rl_headroom.summarize([ep(2, 0.5)], [ep(2, 0.5)] * 3, 2)
+    for bad in (["--temperatures", "0"], ["--temperatures", "a,b"], ["--users", "0"]):
+        with pytest.raises(SystemExit):
+            rl_headroom.main(["--smoke", *bad])
