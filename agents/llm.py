@@ -66,8 +66,15 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
     ``"smollm2"`` is dequantised from its GGUF file once and cached as a normal checkpoint. A folder
     holding a peft LoRA adapter (``adapter_config.json``, as LoRA training saves) loads its base model
     (``base_model_name_or_path``) with the adapter on top; ``trainable_adapter`` keeps the adapter
-    trainable (to continue training), otherwise it is merged into the weights for inference.
+    trainable (to continue training), otherwise it is merged into the weights for inference. A path that cannot
+    be a hub id (absolute, relative with ``.``/``~`` or more than one ``/``) and does not exist raises
+    ``FileNotFoundError``.
     """
+    local = Path(str(model)).expanduser()
+    if not local.exists() and (local.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") > 1):
+        raise FileNotFoundError(f"model {str(model)!r}: no such folder (a hub id is 'name' or 'namespace/name')")
+    if str(model).startswith("~"):
+        model = str(local)  # transformers does not expand ~
     base_name = adapter_base(model)
     if base_name is not None:
         _require("peft")

@@ -17,6 +17,23 @@ def test_loads_local_model_and_plays(policy, make_env):
     assert all(r.rank == -1 for r in records)  # a random model does not answer well-formed
 
 
+def test_missing_local_model_is_a_clear_error(tmp_path, monkeypatch):
+    from agents.llm import load_causal_lm
+
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "nope"), "./nope", "~/no/such/model", "runs/no-run/checkpoint"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            load_causal_lm(path)
+
+
+def test_model_path_under_home_is_expanded(tiny_lm_path, monkeypatch):
+    from agents.llm import load_causal_lm
+
+    monkeypatch.setenv("HOME", str(tiny_lm_path.parent))
+    model, _ = load_causal_lm("~/" + tiny_lm_path.name)
+    assert model.config.vocab_size > 0
+
+
 def test_policy_mask_marks_exactly_the_env_tokens(policy, make_env, monkeypatch):
     env = make_env()
     obs, info = env.reset(options={"example": 0})
