@@ -5,11 +5,11 @@
 
 ``--format-weight``, ``--point-weight``, ``--retrieval-hit-weight``, ``--wasted-weight``, ``--difficulty-top``,
 ``--lr``, ``--temperature``, ``--kl-coef``, ``--train-segments``, ``--mask-history``, the episode's size
-(``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-episodes``, ``--warmstart-epochs``) and the
-step's (``--steps``, ``--users-per-step``, ``--group-size``) make variants (with ``--run`` and ``--out`` of their own);
-``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens``, ``--kl-reference`` and ``--share-prefix`` or
-``--gradient-checkpointing`` set how a step runs (memory, speed). Only the default settings export the bundled
-adapter unless ``--export`` says where.
+(``--prompt-history``, ``--retrieval-k``), the warm start's (``--warmstart-teacher``, ``--warmstart-episodes``,
+``--warmstart-epochs``) and the step's (``--steps``, ``--users-per-step``, ``--group-size``) make variants (with
+``--run`` and ``--out`` of their own); ``--rollout-batch``, ``--micro-batch``, ``--micro-batch-tokens``,
+``--kl-reference`` and ``--share-prefix`` or ``--gradient-checkpointing`` set how a step runs (memory, speed). Only the
+default settings export the bundled adapter unless ``--export`` says where.
 
 1. Warm start (``agents.sft``): a LoRA adapter fine-tuned on transcripts of ``history-top-category-unseen``
    (one call with the history's top category, then the retrieved titles that are not in the prompt's
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.baselines import BASELINES
 from agents.curriculum import run_curriculum
 from agents.evaluate import trm_line
 from agents.grpo import GRPOArgs
@@ -66,6 +67,23 @@ CPU_WARM = SFTArgs(teacher="history-top-category-unseen", episodes=32, epochs=3,
 fine-tuning), three epochs (12 steps). Shorter warm starts were too weak a start for RL: after 1 epoch every greedy
 validation episode failed the format (0.19 calls per episode); after 2 epochs greedy failed 5%, but 88% of the
 samples of stage 2's first step and all of the next four, so every advantage was 0 (``NOTES.md``)."""
+TEACHERS = sorted(name for name, cls in BASELINES.items() if not cls.privileged)
+"""Scripted agents a warm start may imitate (``--warmstart-teacher``; never one that reads the target)."""
+
+
+def teacher_text(warm: SFTArgs) -> str:
+    """The warm start's teacher as the protocol names it (with history-facet's draw of call counts).
+
+    >>> teacher_text(replace(CPU_WARM, teacher="history-facet"))
+    'history-facet (1, 2 or 3 calls, drawn per transcript)'
+    """
+    if warm.teacher != "history-facet":
+        return warm.teacher
+    *head, last = map(str, warm.teacher_calls)
+    counts = f"{', '.join(head)} or {last}" if head else last
+    return f"{warm.teacher} ({counts} calls, drawn per transcript)"
+
+
 STEPS = {"coldstart": 0, "rec": 24}
 """Optimiser steps per stage: stage 1 skipped, 24 steps of stage 2 (192 sampled episodes). A run of 8 steps at lr 1e-4
 (64 episodes, 9 hits; git history) moved the validation NDCG@10 by +0.0005: too small a signal."""
@@ -287,7 +305,7 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         f"chat prompt, sampling temperature {base.temperature}",
         "data": f"{base.dataset}, training episodes = the test targets of the RL user group; validation = greedy "
         f"episodes on the first {val['users']} users of a seeded order of the evaluation group's valid targets",
-        "warm start": f"SFT on {state['demonstrations']} {warm.teacher} transcripts (teacher NDCG@10 "
+        "warm start": f"SFT on {state['demonstrations']} {teacher_text(warm)} transcripts (teacher NDCG@10 "
         f"{state['teacher_ndcg@10']:.3f} on them; {state['mean_tokens']:.0f} tokens each), {warm.epochs} epochs, "
         f"batch {warm.batch}, lr {warm.lr}, {state['seconds']:.0f} s",
         "stage 1": "skipped" if not steps["coldstart"] else f"coldstart, {steps['coldstart']} steps",
@@ -434,6 +452,13 @@ def main(argv=None) -> None:
         help="the TRM never returns the user's history items (warm start, stage 2 and validation alike)",
     )
     ap.add_argument(
+        "--warmstart-teacher",
+        choices=TEACHERS,
+        default=CPU_WARM.teacher,
+        help=f"scripted agent whose transcripts the warm start learns (default {CPU_WARM.teacher}; history-facet "
+        "draws its number of calls per transcript)",
+    )
+    ap.add_argument(
         "--warmstart-episodes",
         type=int,
         default=CPU_WARM.episodes,
@@ -478,7 +503,8 @@ def main(argv=None) -> None:
                        difficulty_top=args.difficulty_top, lr=args.lr, temperature=args.temperature,
                        kl_coef=args.kl_coef, share_prefix=args.share_prefix,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-        warm = replace(CPU_WARM, episodes=args.warmstart_episodes, epochs=args.warmstart_epochs,
+        warm = replace(CPU_WARM, teacher=args.warmstart_teacher, episodes=args.warmstart_episodes,
+                       epochs=args.warmstart_epochs,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
     except ValueError as e:
         ap.error(str(e))

@@ -168,7 +168,8 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
              "--difficulty-top", "50", "--lr", "0.0005", "--kl-coef", "0.05", "--kl-reference", "adapter",
              "--train-segments", "answer", "--mask-history", "--steps", "2", "--group-size", "3",
              "--temperature", "0.9", "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
-             "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2"]  # fmt: skip
+             "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2",
+             "--warmstart-teacher", "history-facet"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
@@ -193,6 +194,12 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert (settings["stage"]["prompt_history"], settings["stage"]["retrieval_k"]) == (4, 12)
     assert (settings["warm_start"]["prompt_history"], settings["warm_start"]["retrieval_k"]) == (4, 12)
     assert (settings["warm_start"]["episodes"], settings["warm_start"]["epochs"]) == (3, 2)
+    assert settings["warm_start"]["teacher"] == "history-facet"
+    assert (
+        "SFT on 3 history-facet (1, 2 or 3 calls, drawn per transcript) transcripts"
+        in (other / "README.md").read_text()
+    )
+    assert json.loads((out / "settings.json").read_text())["warm_start"]["teacher"] == "history-top-category-unseen"
     demos = json.loads((tmp_path / "run0" / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
     assert len((other / "warmstart.jsonl").read_text().splitlines()) == 2 * -(-demos["demonstrations"] // 2)
     smoke_warm = json.loads((out / "settings.json").read_text())["warm_start"]
@@ -246,6 +253,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--steps", "0"],
         ["--warmstart-episodes", "0"],
         ["--warmstart-epochs", "0"],
+        ["--warmstart-teacher", "oracle-preference"],
         ["--prompt-history", "0"],
         ["--retrieval-k", "0"],
         ["--users-per-step", "0"],
