@@ -432,6 +432,11 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
         recover_checkpoint(ckpt)  # a kill between a checkpoint's two renames
     accelerator.wait_for_everyone()
     start, history, resume_from = run_state(out)  # history: the log of completed steps
+    if start > args.steps:  # else the checkpoint returned would be a later one than asked for
+        raise ValueError(
+            f"{out} holds a checkpoint after {start} steps, more than steps={args.steps}; a run does not "
+            f"go back: give steps >= {start} to continue it, or another out folder"
+        )
     model, tok, optimizer, ref_model = _trainable_model(args, accelerator, resume_from)
     if main:
         write_log(log_path, history)  # exactly the completed steps' lines
