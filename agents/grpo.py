@@ -171,6 +171,12 @@ class GRPOArgs(EpisodeSettings):
         check_checkpointing(self)
 
 
+RESUME_FREE = frozenset({"steps", "val_users", "eval_every", "micro_batch", "micro_batch_tokens", "share_prefix",
+                         "gradient_checkpointing", "vllm_gpu_memory", "out"})  # fmt: skip
+"""The :class:`GRPOArgs` fields a run may change when it resumes: its length, its validation and how an
+update is cut into passes (the same gradient up to float rounding); any other change is a ``ValueError``."""
+
+
 PAPER_SCALE = {
     "coldstart": dict(model="Qwen/Qwen2.5-7B", stage="coldstart", steps=20, users_per_step=128, group_size=8,
                       lr=1e-6, dtype="bfloat16", device="cuda", prompt="base", dataset="ml-1m", mini_batches=2),
@@ -431,7 +437,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     if main:
         recover_checkpoint(ckpt)  # a kill between a checkpoint's two renames
     accelerator.wait_for_everyone()
-    start, history, resume_from = run_state(out)  # history: the log of completed steps
+    start, history, resume_from = run_state(out, args, RESUME_FREE)  # history: the log of completed steps
     if start > args.steps:  # else the checkpoint returned would be a later one than asked for
         raise ValueError(
             f"{out} holds a checkpoint after {start} steps, more than steps={args.steps}; a run does not "

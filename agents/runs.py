@@ -170,18 +170,34 @@ def validate(policy, env_kwargs: dict, n_users: int, resources=None) -> dict:
     return {f"val_{k}": s[k] for k in ("recall@10", "ndcg@10", "format_fail", "calls")}
 
 
-def run_state(out: Path) -> tuple[int, list[dict], Path | None]:
+def run_state(out: Path, args=None, free: frozenset[str] = frozenset()) -> tuple[int, list[dict], Path | None]:
     """Where a run in ``out`` stands: ``(next step, log of completed steps, checkpoint to resume from)``.
 
     Call :func:`recover_checkpoint` first (on one process). The log comes from the checkpoint (or, for a
     run written before logs travelled with checkpoints, from ``log.jsonl``'s lines below that step).
+    Given the run's ``args`` (a dataclass), a checkpoint written with other settings is a ``ValueError``
+    naming them, except for the fields in ``free`` (those that may change between a run's sessions);
+    settings one side lacks (a field added or removed since) are not compared.
     """
     ckpt = out / "checkpoint"
     state_file = ckpt / "trainer_state.json"
     if not state_file.is_file():
         return 0, [], None
     state = json.loads(state_file.read_text())
+    if args is not None:
+        _check_same_settings(out, state.get("args", {}), args, free)
     return state["step"], state.get("log", read_log(out / "log.jsonl", before=state["step"])), ckpt
+
+
+def _check_same_settings(out: Path, saved: dict, args, free: frozenset[str]) -> None:
+    now = json.loads(json.dumps(asdict(args)))  # tuples as the saved lists
+    changed = [k for k in now if k in saved and k not in free and saved[k] != now[k]]
+    if changed:
+        said = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
+        raise ValueError(
+            f"{out} holds a run started with {said}; a run continues only with the settings it started with "
+            f"(free to change: {', '.join(sorted(free)) or 'none'}): give the same settings, or another out folder"
+        )
 
 
 def plot_curves(log_path: Path, png: Path) -> None:

@@ -79,6 +79,12 @@ class SFTArgs(EpisodeSettings):
         check_checkpointing(self)
 
 
+RESUME_FREE = frozenset({"micro_batch", "share_prefix", "gradient_checkpointing", "out"})
+"""The :class:`SFTArgs` fields that may differ when a warm start resumes or its finished checkpoint is reused:
+how a step is cut into passes (the same gradient up to float rounding) and the folder (a copied warm start);
+any other change is a ``ValueError``."""
+
+
 class TranscriptRecorder(Policy):
     """Wraps a scripted policy and records its episodes as token trajectories (policy mask included).
 
@@ -170,7 +176,8 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     the seed), and the finished state's ``seconds`` adds the logged time of the steps a killed process completed
     to the finishing process's wall time (the killed process's loading and recording are not in it). A finished
     checkpoint (``trainer_state.json`` with ``"done": true``) is reused, so re-running
-    a curriculum does not repeat the warm start.
+    a curriculum does not repeat the warm start; a checkpoint written with other settings than ``args``
+    (bar :data:`RESUME_FREE`) is a ``ValueError``, not silently reused or continued.
     """
     from tqdm.auto import tqdm
 
@@ -180,11 +187,10 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     out = Path(args.out)
     ckpt = out / "checkpoint"
     recover_checkpoint(ckpt)
-    state_file = ckpt / "trainer_state.json"
-    if state_file.is_file() and json.loads(state_file.read_text()).get("done"):
+    start, history, resume_from = run_state(out, args, RESUME_FREE)  # other settings: a ValueError
+    if resume_from is not None and json.loads((ckpt / "trainer_state.json").read_text()).get("done"):
         return ckpt
     out.mkdir(parents=True, exist_ok=True)
-    start, history, resume_from = run_state(out)
     t0, earlier = time.perf_counter(), sum(h["seconds"] for h in history)  # steps a killed process completed
     model, tok = load_causal_lm(str(resume_from or args.model), device=args.device, dtype=args.dtype,
                                 trainable_adapter=True)  # fmt: skip

@@ -105,6 +105,8 @@ def test_resume_reproduces_the_next_step(tmp_path, tiny_lm_path, env_kwargs, res
     assert [x["step"] for x in lb] == [0, 1]
     with pytest.raises(ValueError, match="after 2 steps, more than steps=1"):  # not the step-2 checkpoint as step 1's
         train(_args(b_dir, tiny_lm_path, steps=1), env_kwargs, progress=False)
+    with pytest.raises(ValueError, match=r"started with lr=.* \(now 0\.5\)"):  # not continued with another lr
+        train(_args(b_dir, tiny_lm_path, steps=3, lr=0.5), env_kwargs, progress=False)
     assert la[1]["grad_norm"] > 0.0  # opposite advantages: the loss value may be 0, its gradient is not
     for key in ("reward", "loss", "grad_norm", "policy_tokens"):
         assert la[1][key] == pytest.approx(lb[1][key], rel=1e-5, abs=1e-7)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -73,6 +74,11 @@ def test_sft_fits_the_demonstrations_and_is_reused(tmp_path, tiny_lm_path, env_k
     load_causal_lm(str(ckpt))
     mtime = (ckpt / "trainer_state.json").stat().st_mtime_ns
     assert train_sft(args, env_kwargs, progress=False) == ckpt  # finished: reused, not retrained
+    assert train_sft(replace(args, micro_batch=1), env_kwargs, progress=False) == ckpt  # a free setting
+    assert (ckpt / "trainer_state.json").stat().st_mtime_ns == mtime
+    for changed in ({"epochs": 2}, {"teacher": "history-describer"}, {"lr": 1e-3, "seed": 1}):
+        with pytest.raises(ValueError, match=f"started with {next(iter(changed))}="):  # not the old warm start
+            train_sft(replace(args, **changed), env_kwargs, progress=False)
     assert (ckpt / "trainer_state.json").stat().st_mtime_ns == mtime
 
 
