@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agents.grpo import GRPOArgs, train
 from agents.rollout import episode_settings
-from agents.runs import plot_curves, read_log, write_log
+from agents.runs import plot_curves, read_log, run_folder_errors, write_log
 from agents.sft import SFTArgs, train_sft
 
 
@@ -91,7 +91,8 @@ def main(argv=None) -> None:
                            lora_r=base.lora_r, gradient_checkpointing=base.gradient_checkpointing)  # fmt: skip
         except ValueError as e:
             ap.error(f"warm start: {e}")
-    ckpt = run_curriculum(base, ns.coldstart_steps, ns.rec_steps, warm_start=warm)
+    with run_folder_errors():  # a reused folder with other settings: one line, not a traceback
+        ckpt = run_curriculum(base, ns.coldstart_steps, ns.rec_steps, warm_start=warm)
     print(f"final checkpoint: {ckpt}; logs and curves under {base.out}")
 
 

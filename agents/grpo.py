@@ -34,10 +34,12 @@ from agents.rollout import (
     token_logprobs,
 )
 from agents.runs import (
+    RunFolderError,
     _deepspeed,
     memory_gib,
     plot_curves,
     recover_checkpoint,
+    run_folder_errors,
     run_state,
     save_checkpoint,
     validate,
@@ -439,7 +441,7 @@ def train(args: GRPOArgs, env_kwargs: dict | None = None, *, progress: bool = Tr
     accelerator.wait_for_everyone()
     start, history, resume_from = run_state(out, args, RESUME_FREE)  # history: the log of completed steps
     if start > args.steps:  # else the checkpoint returned would be a later one than asked for
-        raise ValueError(
+        raise RunFolderError(
             f"{out} holds a checkpoint after {start} steps, more than steps={args.steps}; a run does not "
             f"go back: give steps >= {start} to continue it, or another out folder"
         )
@@ -638,7 +640,9 @@ def main(argv=None) -> None:
     """CLI: ``python -m agents.grpo`` takes every :class:`GRPOArgs` field (one stage; see agents.curriculum)."""
     from deeprec_env.cli import parse_dataclass
 
-    print(f"checkpoint: {train(parse_dataclass(GRPOArgs, argv, __doc__))}")
+    args = parse_dataclass(GRPOArgs, argv, __doc__)
+    with run_folder_errors():  # a reused folder with other settings: one line, not a traceback
+        print(f"checkpoint: {train(args)}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,26 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from deeprec_env.storage import atomic_write
+
+
+class RunFolderError(ValueError):
+    """A run folder holds a run that the settings asked for cannot continue (other settings, or past its steps)."""
+
+
+@contextmanager
+def run_folder_errors():
+    """For the training CLIs: a :class:`RunFolderError` ends the command with its one-line message, no traceback."""
+    try:
+        yield
+    except RunFolderError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _deepspeed(accelerator) -> bool:
@@ -175,9 +189,9 @@ def run_state(out: Path, args=None, free: frozenset[str] = frozenset()) -> tuple
 
     Call :func:`recover_checkpoint` first (on one process). The log comes from the checkpoint (or, for a
     run written before logs travelled with checkpoints, from ``log.jsonl``'s lines below that step).
-    Given the run's ``args`` (a dataclass), a checkpoint written with other settings is a ``ValueError``
-    naming them, except for the fields in ``free`` (those that may change between a run's sessions);
-    settings one side lacks (a field added or removed since) are not compared.
+    Given the run's ``args`` (a dataclass), a checkpoint written with other settings is a
+    :class:`RunFolderError` naming them, except for the fields in ``free`` (those that may change between
+    a run's sessions); settings one side lacks (a field added or removed since) are not compared.
     """
     ckpt = out / "checkpoint"
     state_file = ckpt / "trainer_state.json"
@@ -194,7 +208,7 @@ def _check_same_settings(out: Path, saved: dict, args, free: frozenset[str]) -> 
     changed = [k for k in now if k in saved and k not in free and saved[k] != now[k]]
     if changed:
         said = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
-        raise ValueError(
+        raise RunFolderError(
             f"{out} holds a run started with {said}; a run continues only with the settings it started with "
             f"(free to change: {', '.join(sorted(free)) or 'none'}): give the same settings, or another out folder"
         )

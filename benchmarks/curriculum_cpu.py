@@ -46,7 +46,7 @@ from agents.evaluate import trm_line
 from agents.grpo import GRPOArgs
 from agents.llm import BUNDLED_ADAPTER
 from agents.rollout import episode_settings
-from agents.runs import run_state
+from agents.runs import run_folder_errors, run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 from deeprec_env.env import EnvConfig, get_resources
@@ -542,10 +542,11 @@ def main(argv=None) -> None:
     resumed = (run / "log.jsonl").exists() or (run / "warmstart").exists()
     warm = replace(warm, **episode_settings(base), model=base.model, device=base.device, dtype=base.dtype,
                    out=str(run / "warmstart"))  # fmt: skip
-    warm_ckpt = train_sft(warm, env_kwargs, progress=not args.smoke)
-    before = validation(warm_ckpt, base, env_kwargs, n_val, validation_file(run, "before", n_val))
-    final = run_curriculum(replace(base, model=str(warm_ckpt)), steps["coldstart"], steps["rec"], env_kwargs,
-                           progress=not args.smoke)  # fmt: skip
+    with run_folder_errors():  # a reused --run folder with other settings: one line, not a traceback
+        warm_ckpt = train_sft(warm, env_kwargs, progress=not args.smoke)
+        before = validation(warm_ckpt, base, env_kwargs, n_val, validation_file(run, "before", n_val))
+        final = run_curriculum(replace(base, model=str(warm_ckpt)), steps["coldstart"], steps["rec"], env_kwargs,
+                               progress=not args.smoke)  # fmt: skip
     # cached per checkpoint: a run continued with a larger --steps validates its new one
     done = run_state(run / "rec")[0]
     after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val, done))

@@ -1,6 +1,6 @@
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -383,3 +383,15 @@ def test_varying_groups_counts_groups_whose_samples_differ():
     keys = ["hit", "point", "retrieval_hit"]
     assert varying_groups(flat, 2, keys) == [2, 1, 1, 1]  # the episode's sums, not the last step's
     assert varying_groups(flat, 6, keys) == [1, 1, 1, 1]
+
+
+def test_cli_refuses_a_run_folder_with_other_settings_in_one_line(tmp_path):
+    """`python -m agents.grpo` on a folder whose checkpoint has another lr: one error line, nothing written."""
+    from agents.grpo import main
+
+    state = tmp_path / "checkpoint" / "trainer_state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"step": 1, "args": {**asdict(GRPOArgs(out=str(tmp_path))), "lr": 0.5}, "log": []}))
+    with pytest.raises(SystemExit, match=r"^error: .* started with lr=0\.5 \(now 0\.001\); a run continues only"):
+        main(["--out", str(tmp_path), "--lr", "0.001", "--steps", "3"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
