@@ -176,7 +176,8 @@ class GRPOArgs(EpisodeSettings):
 RESUME_FREE = frozenset({"steps", "val_users", "eval_every", "micro_batch", "micro_batch_tokens", "share_prefix",
                          "gradient_checkpointing", "vllm_gpu_memory", "out"})  # fmt: skip
 """The :class:`GRPOArgs` fields a run may change when it resumes: its length, its validation and how an
-update is cut into passes (the same gradient up to float rounding); any other change is a ``ValueError``."""
+update is cut into passes (the same gradient up to float rounding); any other change is a
+:class:`~agents.runs.RunFolderError` (a ``ValueError``)."""
 
 
 PAPER_SCALE = {

@@ -82,7 +82,7 @@ class SFTArgs(EpisodeSettings):
 RESUME_FREE = frozenset({"micro_batch", "share_prefix", "gradient_checkpointing", "out"})
 """The :class:`SFTArgs` fields that may differ when a warm start resumes or its finished checkpoint is reused:
 how a step is cut into passes (the same gradient up to float rounding) and the folder (a copied warm start);
-any other change is a ``ValueError``."""
+any other change is a :class:`~agents.runs.RunFolderError` (a ``ValueError``)."""
 
 
 class TranscriptRecorder(Policy):
@@ -177,7 +177,7 @@ def train_sft(args: SFTArgs, env_kwargs: dict | None = None, *, progress: bool =
     to the finishing process's wall time (the killed process's loading and recording are not in it). A finished
     checkpoint (``trainer_state.json`` with ``"done": true``) is reused, so re-running
     a curriculum does not repeat the warm start; a checkpoint written with other settings than ``args``
-    (bar :data:`RESUME_FREE`) is a ``ValueError``, not silently reused or continued.
+    (bar :data:`RESUME_FREE`) is a :class:`~agents.runs.RunFolderError`, not silently reused or continued.
     """
     from tqdm.auto import tqdm
 
