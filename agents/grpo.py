@@ -124,6 +124,9 @@ class GRPOArgs(EpisodeSettings):
     """Drop training users whose target is outside the TRM's top-N (no preference)."""
     users: str = "first-half"
     """Which filtered training users this stage draws from: 'first-half', 'second-half' or 'all'."""
+    train_users: int = 0
+    """Train on only the first N of those users (0: all of them): a fixed small set, e.g. to check that a
+    recipe raises the reward on the very users it trains on before asking it to generalise."""
     val_users: int = 16
     """Fixed validation subset evaluated (greedy) every ``eval_every`` steps (0 disables)."""
     eval_every: int = 5
@@ -153,6 +156,8 @@ class GRPOArgs(EpisodeSettings):
         if self.kl_coef > 0 and self.kl_reference == "adapter" and not self.lora_r and adapter_base(self.model) is None:
             raise ValueError(f"kl_reference='adapter' needs a LoRA policy: lora_r > 0 or a LoRA adapter folder as "
                              f"model (got lora_r=0, model={self.model!r})")  # fmt: skip
+        if self.train_users < 0:
+            raise ValueError(f"train_users={self.train_users}; must be >= 0 (0: every training user)")
         if self.micro_batch_tokens < 0:
             raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens}; must be >= 0 (0: no bound)")
         if self.whiten not in ("divide", "multiply", "none"):
@@ -400,7 +405,10 @@ def _optimiser_step(model, optimizer, rollouts, advantages, idx: list[int], old,
 
 
 def training_users(env, args: GRPOArgs) -> np.ndarray:
-    """Training users after the difficulty filter, split into this stage's half (seeded, disjoint halves)."""
+    """Training users after the difficulty filter, in this stage's half (seeded, disjoint halves).
+
+    With ``train_users`` set, only the first that many of the half.
+    """
     from deeprec_env.trm import rank_examples
 
     trm, split = env.res.retriever.trm, env.split
@@ -408,7 +416,8 @@ def training_users(env, args: GRPOArgs) -> np.ndarray:
     keep = split.users[(ranks >= 0) & (ranks < args.difficulty_top)]
     keep = np.random.default_rng(1234).permutation(keep)  # the same halves for both stages
     half = len(keep) // 2
-    return {"first-half": keep[:half], "second-half": keep[half:], "all": keep}[args.users]
+    users = {"first-half": keep[:half], "second-half": keep[half:], "all": keep}[args.users]
+    return users[: args.train_users] if args.train_users else users
 
 
 def _step_rng(seed: int, step: int) -> np.random.Generator:

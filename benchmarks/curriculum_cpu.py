@@ -311,7 +311,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         "stage 1": "skipped" if not steps["coldstart"] else f"coldstart, {steps['coldstart']} steps",
         "stage 2": f"rec rewards weighted {weights_text(weights)}, {steps['rec']} step{'s' * (steps['rec'] != 1)} "
         "from the warm start, "
-        f"the second half of the training users whose target is in the TRM's top-{base.difficulty_top}",
+        f"the second half of the training users whose target is in the TRM's top-{base.difficulty_top}"
+        + (f", only the first {base.train_users} of them (a fixed set)" if base.train_users else ""),
         "per step": f"{base.users_per_step} user{'s' * (base.users_per_step != 1)} x {base.group_size} samples, "
         f"{base.mini_batches} optimiser steps per "
         f"rollout batch, lr {base.lr}, Adam {base.betas}, clip ({1 - base.clip_low:.2f}, {1 + base.clip_high:.2f}), "
@@ -431,6 +432,7 @@ def main(argv=None) -> None:
         "rollout_batch": "episodes sampled in lock step",
         "micro_batch": "trajectories per forward/backward pass of the update",
         "micro_batch_tokens": "at most this many padded token positions per pass (0: no bound; docs/training.md)",
+        "train_users": "stage 2 trains on only the first N of its users, a fixed set (0: all of them)",
     }
     for field, text in sizes.items():
         default = getattr(CPU_ARGS, field)
@@ -492,12 +494,14 @@ def main(argv=None) -> None:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
-    positive = ("steps", "warmstart_episodes", "warmstart_epochs", *(f for f in sizes if f != "micro_batch_tokens"))
+    nonnegative = ("micro_batch_tokens", "train_users")
+    positive = ("steps", "warmstart_episodes", "warmstart_epochs", *(f for f in sizes if f not in nonnegative))
     for flag in positive:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
-    if args.micro_batch_tokens < 0:
-        ap.error(f"--micro-batch-tokens {args.micro_batch_tokens}; must be >= 0 (0: no bound)")
+    for flag, zero in (("micro_batch_tokens", "no bound"), ("train_users", "all")):
+        if getattr(args, flag) < 0:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 0 (0: {zero})")
     try:  # the settings classes refuse what the flags above cannot (gradient checkpointing with share_prefix)
         base = replace(CPU_ARGS, **{f: getattr(args, f) for f in (*sizes, *choices)},
                        difficulty_top=args.difficulty_top, lr=args.lr, temperature=args.temperature,

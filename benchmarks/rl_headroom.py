@@ -23,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm.auto import tqdm
 
+from agents.evaluate import interval_text, paired_difference
 from agents.grpo import training_users
 from agents.llm import BUNDLED_ADAPTER, LLMPolicy, load_causal_lm
 from agents.rollout import collect_rollouts
@@ -32,8 +33,9 @@ from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
 
 COLUMNS = ["model", "temperature", "users", "samples", "reward differs", "retrieval differs", "hit differs",
            "target retrieved", "call found", "call lost", "ndcg@10", "best-of-G - greedy",
-           "format failures"]  # fmt: skip
-"""The table's columns (``summarize``'s keys)."""
+           "format failures", "greedy - first model's (95% CI)", "better / worse"]  # fmt: skip
+"""The table's columns (``summarize``'s keys; the last two: a greedy row's per-user NDCG@10 paired with the
+first model's greedy row, on the same users)."""
 
 
 def summarize(greedy: list, sampled: list, group_size: int) -> dict:
@@ -80,21 +82,43 @@ def summarize(greedy: list, sampled: list, group_size: int) -> dict:
     }
 
 
+def versus(ndcg: dict, first: dict, seed: int) -> dict:
+    """A greedy row's paired NDCG@10 difference to the first model's greedy row ('-' for that row itself).
+
+    >>> versus({0: 0.5, 1: 0.0}, {0: 0.0, 1: 0.0}, 0)["better / worse"]
+    '1 / 0'
+    """
+    if ndcg is first:
+        return {"greedy - first model's (95% CI)": "-", "better / worse": "-"}
+    mean, lo, hi, _ = paired_difference(ndcg, first, seed)
+    better = sum(ndcg[k] > first[k] + 1e-12 for k in ndcg)
+    worse = sum(ndcg[k] < first[k] - 1e-12 for k in ndcg)
+    return {"greedy - first model's (95% CI)": interval_text(mean, lo, hi), "better / worse": f"{better} / {worse}"}
+
+
 def probe(models: list[str], env_kwargs: dict, n_users: int, group_size: int, temperatures: list[float], *, seed: int,
-          batch: int, max_new_tokens: int, progress: bool = True) -> tuple[list[dict], list[int]]:  # fmt: skip
-    """Per model, the greedy row (temperature 0) and one row per temperature, on ``n_users`` of stage 2's users."""
+          batch: int, max_new_tokens: int, train_users: int = 0,
+          progress: bool = True) -> tuple[list[dict], list[int]]:  # fmt: skip
+    """Per model, the greedy row (temperature 0) and one row per temperature, on ``n_users`` of stage 2's users.
+
+    ``train_users``: draw them from the first that many of stage 2's users, the fixed set a stage-2 run with
+    the same ``train_users`` trains on (0: all of them).
+    """
     res = get_resources(EnvConfig(**env_kwargs))
     envs = [DeepRecEnv(resources=res, **env_kwargs) for _ in range(batch)]
-    pool = training_users(envs[0], replace(CPU_ARGS, users="second-half"))
+    pool = training_users(envs[0], replace(CPU_ARGS, users="second-half", train_users=train_users))
     if len(pool) < n_users:
-        raise SystemExit(f"--users {n_users}: stage 2 has {len(pool)} training users")
+        raise SystemExit(f"--users {n_users}: stage 2 has {len(pool)} training users to draw from")
     users = [int(u) for u in np.random.default_rng(seed).choice(pool, size=n_users, replace=False)]
-    rows = []
+    rows, first = [], None
     for model in models:
         lm, tok = load_causal_lm(model)
         lm.eval()
         greedy = _play(lm, tok, envs, users, 0.0, 1, seed, batch, max_new_tokens, progress)
-        rows.append({"model": model, "temperature": "0 (greedy)", **summarize(greedy, greedy, 1)})
+        ndcg = {i: r.metrics["ndcg@10"] for i, r in enumerate(greedy)}
+        first = first or ndcg
+        rows.append({"model": model, "temperature": "0 (greedy)", **summarize(greedy, greedy, 1),
+                     **versus(ndcg, first, seed)})  # fmt: skip
         for t in temperatures:
             sampled = _play(lm, tok, envs, users, t, group_size, seed, batch, max_new_tokens, progress)
             rows.append({"model": model, "temperature": f"{t:g}", **summarize(greedy, sampled, group_size)})
@@ -116,6 +140,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", nargs="+", default=[str(BUNDLED_ADAPTER)],
                     help="policies: model or adapter folders, or hub ids (default: the bundled adapter)")  # fmt: skip
     ap.add_argument("--users", type=int, default=24, help="users, drawn from stage 2's training users (default 24)")
+    ap.add_argument("--train-users", type=int, default=0,
+                    help="draw the users from the first N of stage 2's users, the fixed set a run with "
+                    "benchmarks.curriculum_cpu --train-users N trains on (default 0: all of them)")  # fmt: skip
     ap.add_argument("--group-size", type=int, default=4, help="samples per user and temperature (default 4, G)")
     ap.add_argument("--temperatures", default="0.7,1.0,1.5", help="comma-separated (default 0.7,1.0,1.5)")
     ap.add_argument("--seed", type=int, default=0, help="draws the users and seeds the sampling (default 0)")
@@ -133,17 +160,20 @@ def main(argv=None) -> None:
     for flag in ("users", "group_size", "batch"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.train_users < 0:
+        ap.error(f"--train-users {args.train_users}: must be >= 0 (0: all)")
     env_kwargs = {**CPU_ARGS.env_kwargs("rec"), "encoder": args.encoder}
     if args.smoke:
         env_kwargs.update(smoke_env_kwargs(args.encoder))
     max_new = 8 if args.smoke else CPU_ARGS.max_new_tokens
     rows, users = probe(args.model, env_kwargs, args.users, args.group_size, temperatures, seed=args.seed,
-                        batch=args.batch, max_new_tokens=max_new)  # fmt: skip
+                        batch=args.batch, max_new_tokens=max_new, train_users=args.train_users)  # fmt: skip
     protocol = {
         "model": ", ".join(args.model) + " (each row's)",
         "data": f"{env_kwargs['dataset']}, test split (leave-one-out by time): {args.users} users drawn (seed "
         f"{args.seed}) from stage 2's training users (the RL group's second half, target in the TRM's top "
-        f"{CPU_ARGS.difficulty_top}; benchmarks.curriculum_cpu)",
+        f"{CPU_ARGS.difficulty_top}; benchmarks.curriculum_cpu)"
+        + (f", only the first {args.train_users} of them (a run's --train-users)" if args.train_users else ""),
         "episode": f"chat prompt with the last {CPU_ARGS.prompt_history} history items, top-{CPU_ARGS.retrieval_k} "
         f"items per call, at most {max_new} new tokens per segment (benchmarks.curriculum_cpu's)",
         "sampling": f"G={args.group_size} episodes per user at each temperature, top-k and top-p off, one seeded "
@@ -154,6 +184,8 @@ def main(argv=None) -> None:
         "call found / call lost": "users where a sample's call retrieved the target and the greedy call did not / "
         "where the greedy call did and a sample's did not",
         "best-of-G - greedy": "mean over users of the best sample's NDCG@10 minus the greedy episode's",
+        "greedy - first model's": "a greedy row's per-user NDCG@10 minus the first model's greedy one on the same "
+        f"users, 95% bootstrap interval (2000 resamples, seed {args.seed}); better / worse: users it rose / fell for",
         "k": 10,
     }
     table = markdown_table(rows, COLUMNS)

@@ -169,7 +169,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
              "--train-segments", "answer", "--mask-history", "--steps", "2", "--group-size", "3",
              "--temperature", "0.9", "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
              "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2",
-             "--warmstart-teacher", "history-facet"]  # fmt: skip
+             "--warmstart-teacher", "history-facet", "--train-users", "2"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
@@ -178,6 +178,10 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert not json.loads((out / "settings.json").read_text())["stage"]["share_prefix"]
     assert settings["reward_weights"] == {**STAGES["rec"], "format": 2.0, "point": 0.0, "retrieval_hit": 2.0}
     assert settings["stage"]["difficulty_top"] == 50
+    assert (
+        settings["stage"]["train_users"] == 2
+        and json.loads((out / "settings.json").read_text())["stage"]["train_users"] == 0
+    )
     assert settings["stage"]["group_size"] == 3
     assert settings["stage"]["temperature"] == 0.9
     assert json.loads((out / "settings.json").read_text())["stage"]["temperature"] == 0.7
@@ -210,6 +214,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     flags = "--kl-coef 0.05 --kl-reference adapter --train-segments answer --mask-history"
     assert flags in text
     assert "format 2, hit 1, rank 1, point 0, retrieval_hit 2" in text
+    assert "whose target is in the TRM's top-50, only the first 2 of them (a fixed set)" in text
     assert "rollout batch, lr 0.0005," in text and "KL 0.05 (reference: the warm start's adapter beside" in text
     assert "passes of at most 2 trajectories and 4000 token positions, shared prompt prefix run once" in text
     assert "prompt prefix run once; the loss on each episode's last segment only (not the calls)" in text
@@ -260,6 +265,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--group-size", "0"],
         ["--micro-batch", "0"],
         ["--micro-batch-tokens", "-1"],
+        ["--train-users", "-1"],
         ["--gradient-checkpointing"],  # argv0 shares the prompt prefix
     ):
         with pytest.raises(SystemExit):
@@ -579,7 +585,11 @@ def test_rl_headroom_smoke_and_counts(tmp_path, tiny_lm_path, tiny_encoder_path)
                       "--out", str(tmp_path)])  # fmt: skip
     data = json.loads((tmp_path / "rl_headroom_smoke.json").read_text())
     greedy, sampled, greedy2, sampled2 = data["rows"]  # per model: greedy, then each temperature
-    assert greedy2 == greedy and sampled2 == sampled  # the same model twice: the same users, the same seeded draws
+    versus = ("greedy - first model's (95% CI)", "better / worse")
+    assert [greedy[k] for k in versus] == ["-", "-"]  # the first model's greedy row is the reference
+    assert [greedy2.pop(k) for k in versus] == ["+0.0000 [+0.0000, +0.0000]", "0 / 0"]
+    assert greedy2 == {k: v for k, v in greedy.items() if k not in versus}  # the same model twice: the same users,
+    assert sampled2 == sampled  # the same seeded draws
     assert (greedy["temperature"], greedy["samples"], sampled["samples"]) == ("0 (greedy)", 3, 6)
     assert greedy["call found"] == greedy["call lost"] == 0 and greedy["best-of-G - greedy"] == 0.0
     assert len(set(data["users"])) == 3
@@ -595,6 +605,25 @@ def test_rl_headroom_smoke_and_counts(tmp_path, tiny_lm_path, tiny_encoder_path)
     assert row["best-of-G - greedy"] == 0.5 and row["format failures"] == 0.25 and row["ndcg@10"] == 0.375
     with pytest.raises(ValueError, match="3 sampled records"):
         rl_headroom.summarize([ep(2, 0.5)], [ep(2, 0.5)] * 3, 2)
-    for bad in (["--temperatures", "0"], ["--temperatures", "a,b"], ["--users", "0"]):
+    for bad in (["--temperatures", "0"], ["--temperatures", "a,b"], ["--users", "0"], ["--train-users", "-1"]):
         with pytest.raises(SystemExit):
             rl_headroom.main(["--smoke", *bad])
+    assert rl_headroom.versus({0: 0.5, 1: 0.0, 2: 0.2}, {0: 0.0, 1: 0.25, 2: 0.2}, 0)["better / worse"] == "1 / 1"
+
+
+def test_rl_headroom_train_users_draws_from_the_fixed_set(tmp_path, tiny_lm_path, tiny_encoder_path):
+    from benchmarks import rl_headroom
+
+    base = ["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--group-size", "1",
+            "--temperatures", "1.0", "--batch", "4", "--out", str(tmp_path)]  # fmt: skip
+
+    def users(*argv):
+        rl_headroom.main([*base, *argv])
+        return set(json.loads((tmp_path / "rl_headroom_smoke.json").read_text())["users"])
+
+    fixed = users("--users", "3", "--train-users", "3")
+    assert len(fixed) == 3 and users("--users", "3", "--train-users", "3", "--seed", "1") == fixed
+    assert users("--users", "2", "--train-users", "3", "--seed", "2") <= fixed
+    assert users("--users", "3", "--seed", "1") != users("--users", "3", "--seed", "2")  # all of them: other draws
+    with pytest.raises(SystemExit, match="2 training users to draw from"):
+        rl_headroom.main([*base, "--users", "3", "--train-users", "2"])

@@ -121,6 +121,20 @@ def test_bad_args():
         GRPOArgs(rollout_engine="sglang")
     with pytest.raises(ValueError, match="vllm_gpu_memory=1.5"):
         GRPOArgs(vllm_gpu_memory=1.5)
+    with pytest.raises(ValueError, match="train_users=-1"):
+        GRPOArgs(train_users=-1)
+
+
+def test_train_users_keeps_the_first_of_the_stage_half(env_kwargs, resources):
+    from agents.grpo import training_users
+    from deeprec_env.env import DeepRecEnv
+
+    env = DeepRecEnv(resources=resources, **GRPOArgs(stage="rec").env_kwargs("rec", env_kwargs))
+    for half in ("first-half", "second-half"):
+        pool = training_users(env, GRPOArgs(users=half))
+        assert len(pool) > 3
+        assert training_users(env, GRPOArgs(users=half, train_users=3)).tolist() == pool[:3].tolist()
+        assert training_users(env, GRPOArgs(users=half, train_users=10**6)).tolist() == pool.tolist()
 
 
 def test_vllm_rollouts_get_the_weights_after_every_step(tmp_path, tiny_lm_path, env_kwargs, resources,
