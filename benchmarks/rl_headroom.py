@@ -32,7 +32,7 @@ from benchmarks.curriculum_cpu import CPU_ARGS
 from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
 
 COLUMNS = ["model", "temperature", "users", "samples", "reward differs", "retrieval differs", "hit differs",
-           "target retrieved", "call found", "call lost", "ndcg@10", "best-of-G - greedy",
+           "target retrieved", "call found", "call lost", "reward", "ndcg@10", "best-of-G - greedy",
            "format failures", "greedy - first model's (95% CI)", "better / worse"]  # fmt: skip
 """The table's columns (``summarize``'s keys; the last two: a greedy row's per-user NDCG@10 paired with the
 first model's greedy row, on the same users)."""
@@ -76,6 +76,7 @@ def summarize(greedy: list, sampled: list, group_size: int) -> dict:
         "target retrieved": float(retrieved.mean()),
         "call found": int((retrieved.any(axis=1) & ~greedy_retrieved).sum()),
         "call lost": int((~retrieved.all(axis=1) & greedy_retrieved).sum()),
+        "reward": float(reward.mean()),
         "ndcg@10": float(ndcg.mean()),
         "best-of-G - greedy": float((ndcg.max(axis=1) - greedy_ndcg).mean()),
         "format failures": float(np.mean([bool(r.format_errors) for r in sampled])),
@@ -181,6 +182,8 @@ def main(argv=None) -> None:
         "reward differs / retrieval differs / hit differs": "groups (users) whose G samples differ in the rec "
         "reward / in whether a call retrieved the target / in hit",
         "target retrieved": "share of episodes where a call's retrieved list held the target",
+        "reward / ndcg@10": "means over the row's episodes (reward: the stage's weighted episode reward, what RL "
+        "maximises)",
         "call found / call lost": "users where a sample's call retrieved the target and the greedy call did not / "
         "where the greedy call did and a sample's did not",
         "best-of-G - greedy": "mean over users of the best sample's NDCG@10 minus the greedy episode's",

@@ -603,6 +603,7 @@ def test_rl_headroom_smoke_and_counts(tmp_path, tiny_lm_path, tiny_encoder_path)
     assert (row["reward differs"], row["retrieval differs"], row["hit differs"]) == (2, 2, 2)
     assert (row["call found"], row["call lost"], row["target retrieved"]) == (1, 1, 0.5)
     assert row["best-of-G - greedy"] == 0.5 and row["format failures"] == 0.25 and row["ndcg@10"] == 0.375
+    assert row["reward"] == 0.375  # these episodes' rewards are their NDCG@10
     with pytest.raises(ValueError, match="3 sampled records"):
         rl_headroom.summarize([ep(2, 0.5)], [ep(2, 0.5)] * 3, 2)
     for bad in (["--temperatures", "0"], ["--temperatures", "a,b"], ["--users", "0"], ["--train-users", "-1"]):
