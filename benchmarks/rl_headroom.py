@@ -117,7 +117,7 @@ def probe(models: list[str], env_kwargs: dict, n_users: int, group_size: int, te
         lm.eval()
         greedy = _play(lm, tok, envs, users, 0.0, 1, seed, batch, max_new_tokens, progress)
         ndcg = {i: r.metrics["ndcg@10"] for i, r in enumerate(greedy)}
-        first = first or ndcg
+        first = ndcg if first is None else first
         rows.append({"model": model, "temperature": "0 (greedy)", **summarize(greedy, greedy, 1),
                      **versus(ndcg, first, seed)})  # fmt: skip
         for t in temperatures:
