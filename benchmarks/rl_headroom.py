@@ -12,6 +12,8 @@ and counts what a GRPO step there could learn from (``docs/training.md``, "The C
 
     # stage 2's start (python -m benchmarks.curriculum_cpu writes it) and the bundled adapter, after stage 2: ~40 min
     python -m benchmarks.rl_headroom --model runs/curriculum-cpu/warmstart/checkpoint agents/adapters/smollm2-deeprec
+    # a run on a fixed set (benchmarks.curriculum_cpu --train-users 8 ...), replayed on exactly its users
+    python -m benchmarks.rl_headroom --model <warm start> <its stage-2 checkpoint> --users 8 --train-users 8
     python -m benchmarks.rl_headroom --smoke --model <tiny model> --encoder <tiny encoder>   # the tests
 """
 
