@@ -30,7 +30,7 @@ from agents.grpo import training_users
 from agents.llm import BUNDLED_ADAPTER, LLMPolicy, load_causal_lm
 from agents.rollout import collect_rollouts
 from benchmarks.common import markdown_table, publish, smoke_env_kwargs
-from benchmarks.curriculum_cpu import CPU_ARGS
+from benchmarks.curriculum_cpu import CPU_ARGS, changed_users
 from deeprec_env.env import DeepRecEnv, EnvConfig, get_resources
 
 COLUMNS = ["model", "temperature", "users", "samples", "reward differs", "retrieval differs", "hit differs",
@@ -94,9 +94,10 @@ def versus(ndcg: dict, first: dict, seed: int) -> dict:
     if ndcg is first:
         return {"greedy - first model's (95% CI)": "-", "better / worse": "-"}
     mean, lo, hi, _ = paired_difference(ndcg, first, seed)
-    better = sum(ndcg[k] > first[k] + 1e-12 for k in ndcg)
-    worse = sum(ndcg[k] < first[k] - 1e-12 for k in ndcg)
-    return {"greedy - first model's (95% CI)": interval_text(mean, lo, hi), "better / worse": f"{better} / {worse}"}
+    records = [[{"example": k, "ndcg@10": v} for k, v in d.items()] for d in (first, ndcg)]
+    changed = changed_users(*records)  # the count curriculum_cpu's validation reports
+    return {"greedy - first model's (95% CI)": interval_text(mean, lo, hi),
+            "better / worse": "{better} / {worse}".format(**changed)}  # fmt: skip
 
 
 def probe(models: list[str], env_kwargs: dict, n_users: int, group_size: int, temperatures: list[float], *, seed: int,
