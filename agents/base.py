@@ -76,6 +76,8 @@ class EpisodeRecord:
     ``rank``, it tells a miss of retrieval (the calls) from one of ordering (the answer)."""
     from_retrieved: int = 0
     """Answer lines naming an item that one of the episode's calls retrieved."""
+    preferences: list = field(default_factory=list)
+    """The preference of each call, as the environment read it."""
 
 
 def run_episodes(
@@ -152,6 +154,7 @@ def play_episodes(
                 invalid_segments=invalid[i],
                 extra=policy.describe(states[i]),
                 episode_reward_components=dict(f["episode_reward_components"]),
+                preferences=list(env.episode.preferences),
                 **retrieval_diagnostics(env.episode),
             )
         )

@@ -12,7 +12,7 @@ import numpy as np
 
 from agents.base import Policy
 from deeprec_env.preferences import title_year
-from deeprec_env.protocol import answer_text, call_text, history_block, read_items
+from deeprec_env.protocol import answer_text, call_text, history_block, read_hint, read_items
 
 REASONING = "Based on the retrieved items and the history, here is my ranking."
 
@@ -149,6 +149,44 @@ class OraclePolicy(_TwoStep):
         """The target's categories."""
         env = state["env"]
         return "; ".join(env.catalog.categories[env.episode.target]) or "movies"
+
+
+class HintMixPolicy(TopCategoryUnseenPolicy):
+    """Teacher of the positive control (``EnvConfig.target_hint``): a share of its calls copy the prompt's hint.
+
+    In a drawn share of its episodes it calls with the categories the prompt's hint names instead of the history's
+    top category; it answers as :class:`TopCategoryUnseenPolicy`.
+
+    It reads only its prompt, but a prompt with a hint gives the target's categories away: a warm start on its
+    transcripts makes a policy whose samples sometimes copy the hint and mostly do not, so a trainer has a better
+    call to find in its own samples (``docs/training.md``). Not in :data:`BASELINES`: without the env's hint it is
+    an error, and with it no score of it is an agent's.
+
+    Args:
+        share: probability that an episode's call copies the hint.
+        seed: seed of the per-episode draw.
+    """
+
+    name = "hint-mix"
+
+    def __init__(self, share: float = 0.25, seed: int = 0) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share={share}; must be in [0, 1]")
+        self.share = share
+        self._rng = np.random.default_rng(seed)
+
+    def start(self, env, obs, info):
+        """Check the prompt has a hint and draw whether this episode copies it."""
+        hint = read_hint(obs)
+        if hint is None:
+            raise ValueError("the hint-mix teacher needs the env's target_hint=True (its prompt has no hint line)")
+        return {**super().start(env, obs, info), "hint": hint, "copy": bool(self._rng.random() < self.share)}
+
+    def preference(self, state) -> str:
+        """The hint's categories (as ``oracle-preference`` writes the target's) or the history's top category."""
+        if state["copy"] and state["hint"]:
+            return "; ".join(state["hint"])
+        return super().preference(state)
 
 
 class HistoryFacetPolicy(Policy):

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.baselines import BASELINES
+from agents.baselines import BASELINES, HintMixPolicy
 from agents.curriculum import run_curriculum
 from agents.evaluate import trm_line
 from agents.grpo import GRPOArgs
@@ -50,6 +50,7 @@ from agents.runs import run_folder_errors, run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 from deeprec_env.env import EnvConfig, get_resources
+from deeprec_env.protocol import copies_hint
 from deeprec_env.rewards import STAGES, weighted_reward
 
 CPU_ARGS = GRPOArgs(users_per_step=2, group_size=4, rollout_batch=8, micro_batch=2, prompt_history=5,
@@ -67,8 +68,9 @@ CPU_WARM = SFTArgs(teacher="history-top-category-unseen", episodes=32, epochs=3,
 fine-tuning), three epochs (12 steps). Shorter warm starts were too weak a start for RL: after 1 epoch every greedy
 validation episode failed the format (0.19 calls per episode); after 2 epochs greedy failed 5%, but 88% of the
 samples of stage 2's first step and all of the next four, so every advantage was 0 (``NOTES.md``)."""
-TEACHERS = sorted(name for name, cls in BASELINES.items() if not cls.privileged)
-"""Scripted agents a warm start may imitate (``--warmstart-teacher``; never one that reads the target)."""
+TEACHERS = [*sorted(name for name, cls in BASELINES.items() if not cls.privileged), HintMixPolicy.name]
+"""Scripted agents a warm start may imitate (``--warmstart-teacher``; never one that reads the target, and
+``hint-mix`` only with ``--target-hint``, where the prompt gives the target's categories away)."""
 
 
 def teacher_text(warm: SFTArgs) -> str:
@@ -76,7 +78,12 @@ def teacher_text(warm: SFTArgs) -> str:
 
     >>> teacher_text(replace(CPU_WARM, teacher="history-facet"))
     'history-facet (1, 2 or 3 calls, drawn per transcript)'
+    >>> teacher_text(replace(CPU_WARM, teacher="hint-mix", teacher_hint_share=0.25))[:52]
+    "hint-mix (the call copies the prompt's hint in 0.25 "
     """
+    if warm.teacher == HintMixPolicy.name:
+        return (f"{warm.teacher} (the call copies the prompt's hint in {warm.teacher_hint_share:g} of the "
+                "transcripts, drawn per transcript; otherwise the history's top category)")  # fmt: skip
     if warm.teacher != "history-facet":
         return warm.teacher
     *head, last = map(str, warm.teacher_calls)
@@ -122,12 +129,17 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     from agents.runs import validation_records
 
     policy = LLMPolicy(str(checkpoint), device=base.device, dtype=base.dtype, max_new_tokens=base.max_new_tokens)
-    recs = validation_records(policy, base.env_kwargs("rec", env_kwargs), n_users, batch_size=VAL_BATCH)
+    kwargs = base.env_kwargs("rec", env_kwargs)
+    recs = validation_records(policy, kwargs, n_users, batch_size=VAL_BATCH)
     rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
              "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward,
              "components": dict(r.episode_reward_components), "retrieved_rank": r.retrieved_rank,
              "from_retrieved": r.from_retrieved}
             for i, r in enumerate(recs)]  # fmt: skip
+    if kwargs.get("target_hint"):  # the positive control: how many calls wrote the hint's categories
+        categories = get_resources(EnvConfig(**kwargs)).dataset.catalog.categories
+        for row, r in zip(rows, recs, strict=True):
+            row["hint_calls"] = sum(copies_hint(p, categories[r.target]) for p in r.preferences)
     cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -203,6 +215,7 @@ def compare_validation(before: list[dict], after: list[dict], seed: int, weights
         "from_retrieved": "answer lines a call retrieved",
         "format_fail": "format_fail",
         "calls": "calls",
+        "hint_calls": "calls copying the prompt's hint",
         "hallucinated": "answer lines naming no item",
         "seen": "answer lines the history has",
         "duplicates": "answer lines repeating an item",
@@ -290,11 +303,11 @@ def signal_text(rows: list[dict], users_per_step: int, group_size: int, weights:
 
 
 def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dict, weights: dict, val: dict,
-              timing: dict | None = None, mask_history: bool = False) -> str:  # fmt: skip
+              timing: dict | None = None, mask_history: bool = False, target_hint: bool = False) -> str:  # fmt: skip
     """README text of a finished run folder.
 
     ``weights``: stage 2's reward weights; ``timing``: wall seconds and cache at start, when the run was timed;
-    ``mask_history``: the env's setting of that name, said in the protocol.
+    ``mask_history``, ``target_hint``: the env's settings of those names, said in the protocol.
     """
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     state = json.loads((out / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
@@ -325,7 +338,12 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
         + ("; the loss on each episode's last segment only (not the calls)" if base.train_segments == "answer" else ""),
         "episode": f"last {base.prompt_history} history items in the prompt, top-{base.retrieval_k} items per call, "
         f"at most {base.max_new_tokens} new tokens per segment"
-        + (", the user's history never retrieved (mask_history)" if mask_history else ""),
+        + (", the user's history never retrieved (mask_history)" if mask_history else "")
+        + (
+            ", the prompt names the target's categories (target_hint: privileged, a positive control of the trainer)"
+            if target_hint
+            else ""
+        ),
         "seed": base.seed,
     }
     if "trm" in val:  # which TRM (another machine may train another: docs/trm.md)
@@ -461,6 +479,18 @@ def main(argv=None) -> None:
         "draws its number of calls per transcript)",
     )
     ap.add_argument(
+        "--target-hint",
+        action="store_true",
+        help="the prompt names the target's categories (warm start, stage 2 and validation alike): privileged, a "
+        "positive control of the trainer, with --warmstart-teacher hint-mix (docs/training.md)",
+    )
+    ap.add_argument(
+        "--warmstart-hint-share",
+        type=float,
+        default=CPU_WARM.teacher_hint_share,
+        help=f"share of hint-mix transcripts whose call copies the hint (default {CPU_WARM.teacher_hint_share})",
+    )
+    ap.add_argument(
         "--warmstart-episodes",
         type=int,
         default=CPU_WARM.episodes,
@@ -490,6 +520,9 @@ def main(argv=None) -> None:
         ap.error(f"--wasted-weight {args.wasted_weight} > --format-weight {args.format_weight}: a malformed answer "
                  "would score more than a well-formed one naming only history items, repeats or no item; "
                  "raise --format-weight to at least --wasted-weight")  # fmt: skip
+    if (args.warmstart_teacher == HintMixPolicy.name) != args.target_hint:
+        ap.error("--warmstart-teacher hint-mix and --target-hint go together: the teacher reads the hint, and a "
+                 "hint no teacher shows is a different experiment")  # fmt: skip
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
     if not args.lr > 0:
@@ -508,7 +541,7 @@ def main(argv=None) -> None:
                        kl_coef=args.kl_coef, share_prefix=args.share_prefix,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
         warm = replace(CPU_WARM, teacher=args.warmstart_teacher, episodes=args.warmstart_episodes,
-                       epochs=args.warmstart_epochs,
+                       epochs=args.warmstart_epochs, teacher_hint_share=args.warmstart_hint_share,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
     except ValueError as e:
         ap.error(str(e))
@@ -520,9 +553,11 @@ def main(argv=None) -> None:
     if args.wasted_weight:
         weights["wasted"] = args.wasted_weight
     env_kwargs: dict = {"reward_weights": weights, "mask_history": args.mask_history}
+    if args.target_hint:
+        env_kwargs["target_hint"] = True
     # only the default run makes the bundled adapter
     default_run = (not args.smoke and weights == STAGES["rec"] and base == CPU_ARGS and steps == STEPS
-                   and warm == CPU_WARM and not args.mask_history)  # fmt: skip
+                   and warm == CPU_WARM and not args.mask_history and not args.target_hint)  # fmt: skip
     export = Path(args.export) if args.export else (BUNDLED_ADAPTER if default_run else None)
     if args.model:
         base = replace(base, model=args.model)
@@ -556,6 +591,8 @@ def main(argv=None) -> None:
     after = validation(final, base, env_kwargs, n_val, validation_file(run, "after", n_val, done))
     val = compare_validation(before, after, base.seed, weights)
     names = ("trm-only", "history-top-category", warm.teacher)
+    if warm.teacher == HintMixPolicy.name:  # what the hint is worth: its categories as the one call's preference
+        names = ("trm-only", "history-top-category", "history-top-category-unseen", "oracle-preference")
     val["scripted"] = scripted_validation(base, env_kwargs, n_val, names, {"before": before, "after": after}, base.seed)
     val["trm"] = trm_line(get_resources(EnvConfig(**base.env_kwargs("rec", env_kwargs))).retriever)
     dest = Path(args.out) if args.out else RESULTS / ("curriculum_cpu" + ("_smoke" if args.smoke else ""))
@@ -576,10 +613,11 @@ def main(argv=None) -> None:
         if not extra.is_file():
             extra.write_text(json.dumps({"seconds": time.perf_counter() - t0, "val_users": n_val}) + "\n")
         timing = {**timing, "extra": json.loads(extra.read_text())}
-    readme = summarize(run, command, base, warm, steps, weights, val, timing, args.mask_history)
+    readme = summarize(run, command, base, warm, steps, weights, val, timing, args.mask_history, args.target_hint)
     (dest / "README.md").write_text(readme)
     settings = {"stage": asdict(base), "warm_start": asdict(warm), "reward_weights": weights,
-                "mask_history": args.mask_history, "steps": steps, "val_users": n_val, "timing": timing}  # fmt: skip
+                "mask_history": args.mask_history, "target_hint": args.target_hint,
+                "steps": steps, "val_users": n_val, "timing": timing}  # fmt: skip
     (dest / "settings.json").write_text(json.dumps(settings, indent=2))
     if export is not None:
         export_adapter(final, export, base, readme, run / "curves.png")

@@ -25,6 +25,7 @@ from deeprec_env.protocol import (
     chat_user_message,
     check_format,
     format_patterns,
+    hint_text,
     item_lines,
     item_list_text,
     parse,
@@ -114,6 +115,12 @@ class EnvConfig(ResourceConfig):
     """Score an answer line that repeats an earlier line's item again in the ``point`` reward (the
     reference does, so one close item written ten times outscores a real list; by default a repeat scores 0,
     ``docs/design.md``, "Rewards")."""
+    target_hint: bool = False
+    """Privileged, for checking a trainer, never for a benchmark: the prompt names the categories of the item the
+    user chooses next, in a line before the history (``deeprec_env.protocol.hint_text``). A policy that learns to
+    write them as its preference retrieves far better (the ``oracle-preference`` agent), so a trainer that cannot
+    teach a policy to use the hint cannot teach it a better call either: a positive control
+    (``docs/training.md``)."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Tags and format rules."""
     max_obs_chars: int | None = None
@@ -209,7 +216,12 @@ def observation_bound(catalog, config: EnvConfig) -> int:
         default=0,
     )  # fmt: skip
     line = numbers + longest + 1  # + the newline between lines
-    prompt = max(len(base_prompt("", p, config.answer_k)), len(chat_user_message("", p, config.answer_k)))
+    hint = ""
+    if config.target_hint:  # the item with the longest category list names the longest hint
+        hint = max((hint_text(c) for c in catalog.categories[1:]), key=len, default=hint_text(()))
+    prompt = max(len(f(hint)) for f in (lambda h: base_prompt("", p, config.answer_k, h),
+                                        lambda h: chat_user_message("", p, config.answer_k, h),
+                                        lambda h: tool_user_message("", config.answer_k, h)))  # fmt: skip
     prompt += config.prompt_history * line
     items = len(item_list_text(catalog, [], p)) + config.retrieval_k * line
     feedback = 1024 + 16 * max(len(t) for t in p.tags)
@@ -309,6 +321,7 @@ class DeepRecEnv(gym.Env[str, str]):
     | ``prompt`` / ``prompt_history`` | ``"base"`` / 20 | base-model or chat prompt; history items shown |
     | ``retrieval_k`` / ``max_calls`` / ``answer_k`` | 20 / 8 / 10 | items per call, call budget, answer lines |
     | ``dedup_retrieved`` / ``mask_history`` | False / False | never return retrieved / history items |
+    | ``target_hint`` | False | privileged: the prompt names the target's categories (a trainer's positive control) |
     | ``allow_empty_preference`` | False | accept an empty preference as a call without one |
     | ``invalid_action`` / ``max_invalid`` | ``"end"`` / 3 | end on an invalid segment, or reject it with feedback |
     | ``match`` / ``fuzzy_cutoff`` | ``"grounded"`` / 0.9 | ground answer lines to ids, or the reference's rule |
@@ -457,16 +470,16 @@ class DeepRecEnv(gym.Env[str, str]):
         cfg = self.config
         shown = self.split.history(j, cfg.prompt_history)
         history_text = item_lines(self.catalog, shown)
+        target = int(self.split.targets[j])
+        hint = hint_text(self.catalog.categories[target]) if cfg.target_hint else ""
         if cfg.actions == "tools":
-            prompt = tool_user_message(history_text, cfg.answer_k)
+            prompt = tool_user_message(history_text, cfg.answer_k, hint)
         elif cfg.prompt == "base":
-            prompt = base_prompt(history_text, cfg.protocol, cfg.answer_k)
+            prompt = base_prompt(history_text, cfg.protocol, cfg.answer_k, hint)
         else:
-            prompt = chat_user_message(history_text, cfg.protocol, cfg.answer_k)
+            prompt = chat_user_message(history_text, cfg.protocol, cfg.answer_k, hint)
         user = int(self.split.users[j])
-        self.episode = Episode(
-            user=user, target=int(self.split.targets[j]), history=shown, prompt=prompt, patterns=self._patterns
-        )
+        self.episode = Episode(user=user, target=target, history=shown, prompt=prompt, patterns=self._patterns)
         self._full_history = self.split.history(j, 10**9)
         self._trm_history = self.split.history(j, self.res.retriever.max_len)
         self._prefetch_states(j)

@@ -13,6 +13,7 @@ agent mistakes come back as ``Action(kind="invalid", errors=...)``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -227,14 +228,49 @@ def instructions(p: ProtocolConfig, k: int, must_call: bool) -> str:
     )
 
 
-def base_prompt(history_text: str, p: ProtocolConfig, k: int) -> str:
-    """Prompt for a base (non-chat) model; it ends with an opened ``<think>``."""
-    return f"{instructions(p, k, must_call=False)}User:\n{history_text}\n\nAssistant:\n{p.think_open}\n"
+def base_prompt(history_text: str, p: ProtocolConfig, k: int, hint: str = "") -> str:
+    """Prompt for a base (non-chat) model; it ends with an opened ``<think>``. ``hint``: :func:`hint_text` or ""."""
+    return f"{instructions(p, k, must_call=False)}{hint}User:\n{history_text}\n\nAssistant:\n{p.think_open}\n"
 
 
-def chat_user_message(history_text: str, p: ProtocolConfig, k: int) -> str:
+def chat_user_message(history_text: str, p: ProtocolConfig, k: int, hint: str = "") -> str:
     r"""User message for a chat model; the policy applies its chat template and appends ``<think>\n``."""
-    return f"{instructions(p, k, must_call=True)}User interaction history:\n{history_text}\n\n"
+    return f"{instructions(p, k, must_call=True)}{hint}User interaction history:\n{history_text}\n\n"
+
+
+HINT = "Hint: the item the user will choose next has these categories: "
+"""Start of the line a ``target_hint`` prompt adds before the history (``EnvConfig.target_hint``)."""
+
+
+def hint_text(categories: Sequence[str]) -> str:
+    r"""The hint line (and a blank line) naming the target's ``categories``: privileged, a trainer's positive control.
+
+    >>> hint_text(("Comedy", "Romance"))
+    'Hint: the item the user will choose next has these categories: Comedy, Romance.\n\n'
+    """
+    return f"{HINT}{', '.join(categories) or 'none'}.\n\n"
+
+
+def read_hint(prompt: str) -> list[str] | None:
+    r"""The categories a prompt's hint line names (:func:`hint_text`); None when the prompt has no hint.
+
+    >>> read_hint("..." + hint_text(("Comedy", "Romance")) + "User:\n1. A")
+    ['Comedy', 'Romance']
+    """
+    if HINT not in prompt:
+        return None
+    names = prompt.split(HINT, 1)[1].split(".\n", 1)[0]
+    return [] if names == "none" else [c.strip() for c in names.split(",") if c.strip()]
+
+
+def copies_hint(preference: str, categories: Sequence[str]) -> bool:
+    """Whether a preference names exactly the hint's ``categories`` (any order, case or separator ``;``/``,``).
+
+    >>> copies_hint("comedy;  Romance", ("Comedy", "Romance")), copies_hint("Comedy", ("Comedy", "Romance"))
+    (True, False)
+    """
+    words = {w.strip().lower() for w in re.split(r"[;,]", preference) if w.strip()}
+    return bool(categories) and words == {c.lower() for c in categories}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ NO_CONTENT = "(tool call)"
 for reasoning then pass, so the format reward judges the calls themselves."""
 
 
-def tool_user_message(history_text: str, k: int) -> str:
-    """The user message of the tool variant: the task, the two tools, the history."""
+def tool_user_message(history_text: str, k: int, hint: str = "") -> str:
+    """The user message of the tool variant: the task, the two tools, the history (after ``hint``, if any)."""
     return (
         "You are the assistant to make item recommendations for the user. You have no access to the "
         "candidate items: call the `recommend` tool with a description of the user's preference (phrases "
@@ -70,7 +70,7 @@ def tool_user_message(history_text: str, k: int) -> str:
         "descriptions to explore different aspects of the user's preferences, reasoning about the returned "
         f"items before each new call. Finally call the `answer` tool with the {k} titles most likely to be "
         "the user's next interaction, best first, copied from the retrieved lists.\n\n"
-        f"User interaction history (oldest first):\n{history_text}\n"
+        f"{hint}User interaction history (oldest first):\n{history_text}\n"
     )
 
 

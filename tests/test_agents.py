@@ -88,6 +88,30 @@ def test_history_facet_calls_several_times(env_kwargs, resources, options):
         HistoryFacetPolicy(n_calls=0)
 
 
+def test_hint_mix_copies_the_hint_in_its_share(env_kwargs, resources, options):
+    from agents.baselines import HintMixPolicy
+    from deeprec_env.protocol import copies_hint
+
+    hinted = {**env_kwargs, "target_hint": True}
+    cats = resources.dataset.catalog.categories
+
+    def copied(share):
+        records = evaluate_agent(HintMixPolicy(share=share), hinted, options[:24], batch_size=8, progress=False)
+        assert all(r.format_errors == [] and r.calls == 1 for r in records)
+        return [copies_hint(r.preferences[0], cats[r.target]) for r in records]
+
+    assert all(copied(1.0))
+    assert sum(copied(0.5)) not in (0, 24)  # drawn per episode
+    top = evaluate_agent(BASELINES["history-top-category-unseen"](), hinted, options[:24], progress=False)
+    never = evaluate_agent(HintMixPolicy(share=0.0), hinted, options[:24], progress=False)
+    assert [r.preferences for r in never] == [r.preferences for r in top]  # otherwise its teacher's call
+    assert [r.answer_ids for r in never] == [r.answer_ids for r in top]
+    with pytest.raises(ValueError, match="needs the env's target_hint=True"):
+        evaluate_agent(HintMixPolicy(share=1.0), env_kwargs, options[:2], progress=False)
+    with pytest.raises(ValueError, match="share=1.5"):
+        HintMixPolicy(share=1.5)
+
+
 def test_run_episodes_ends_stuck_policies(make_env):
     class Chatty(Policy):
         name = "chatty"

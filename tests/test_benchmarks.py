@@ -259,6 +259,9 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--warmstart-episodes", "0"],
         ["--warmstart-epochs", "0"],
         ["--warmstart-teacher", "oracle-preference"],
+        ["--warmstart-teacher", "hint-mix"],  # without the hint it reads
+        ["--target-hint"],  # without the teacher that shows it
+        ["--target-hint", "--warmstart-teacher", "hint-mix", "--warmstart-hint-share", "1.5"],
         ["--prompt-history", "0"],
         ["--retrieval-k", "0"],
         ["--users-per-step", "0"],
@@ -274,6 +277,25 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     with pytest.raises(SystemExit):
         curriculum_cpu.main([*argv0, "--wasted-weight", "2.5"])
     assert "--wasted-weight 2.5 > --format-weight 2.0: a malformed answer would score more" in capsys.readouterr().err
+
+
+def test_curriculum_cpu_target_hint(tmp_path, tiny_lm_path, tiny_encoder_path):
+    pytest.importorskip("peft")
+    from benchmarks import curriculum_cpu
+
+    out = tmp_path / "res"
+    curriculum_cpu.main(["--smoke", "--model", str(tiny_lm_path), "--encoder", str(tiny_encoder_path), "--out",
+                         str(out), "--run", str(tmp_path / "run"), "--target-hint", "--warmstart-teacher", "hint-mix",
+                         "--warmstart-hint-share", "0.5"])  # fmt: skip
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["target_hint"] and settings["warm_start"]["teacher"] == "hint-mix"
+    assert settings["warm_start"]["teacher_hint_share"] == 0.5
+    text = (out / "README.md").read_text()
+    assert "hint-mix (the call copies the prompt's hint in 0.5 of the transcripts" in text
+    assert "the prompt names the target's categories (target_hint: privileged" in text
+    assert "| calls copying the prompt's hint |" in text and "| oracle-preference |" in text
+    val = json.loads((out / "validation.json").read_text())
+    assert all(0 <= r["hint_calls"] <= r["calls"] for r in val["before"] + val["after"])
 
 
 def test_curriculum_validation_separates_format_from_ranking():

@@ -291,6 +291,25 @@ def test_render_and_chat_prompt(make_env):
     assert base.reset(seed=0)[0].endswith("Assistant:\n<think>\n")
 
 
+@pytest.mark.parametrize("variant", [{"prompt": "base"}, {"prompt": "chat"}, {"prompt": "chat", "actions": "tools"}])
+def test_target_hint_names_the_targets_categories(make_env, variant):
+    from deeprec_env.protocol import history_block, read_hint
+
+    plain, hinted = make_env(**variant), make_env(target_hint=True, **variant)
+    longest = max(range(1, plain.catalog.num_embeddings), key=lambda i: len(", ".join(plain.catalog.categories[i])))
+    for example in range(8):
+        obs, _ = plain.reset(options={"example": example})
+        hint_obs, _ = hinted.reset(options={"example": example})
+        assert read_hint(obs) is None and hinted.episode.target == plain.episode.target
+        assert read_hint(hint_obs) == list(hinted.catalog.categories[hinted.episode.target])
+        if variant.get("actions") != "tools":  # the history a scripted agent reads is the same
+            assert history_block(hint_obs) == history_block(obs)
+        assert hinted.observation_space.contains(hint_obs)
+    # the bound holds the longest hint the catalogue can write
+    bound = hinted.observation_space.max_length - plain.observation_space.max_length
+    assert bound >= len(", ".join(plain.catalog.categories[longest]))
+
+
 def test_bad_config():
     from deeprec_env.env import EnvConfig
 

@@ -60,6 +60,19 @@ def test_teacher_draws_its_call_counts(tiny_lm_path, env_kwargs, resources):
     assert {r.calls for r in recs} == {1, 3}
 
 
+def test_hint_mix_teacher(tiny_lm_path, env_kwargs, resources):
+    from agents.baselines import HintMixPolicy
+
+    teacher = make_teacher(SFTArgs(teacher="hint-mix", teacher_hint_share=1.0))
+    assert isinstance(teacher, HintMixPolicy) and teacher.share == 1.0
+    kwargs = {**env_kwargs, "prompt": "chat", "split": "train", "stage": "rec", "target_hint": True}
+    _, recs = demonstrations(teacher, _tok(tiny_lm_path), kwargs, list(range(4)))
+    cats = resources.dataset.catalog.categories
+    assert recs and all(r.preferences == ["; ".join(cats[r.target])] for r in recs)
+    with pytest.raises(ValueError, match="teacher_hint_share=-0.1"):
+        SFTArgs(teacher_hint_share=-0.1)
+
+
 def test_sft_fits_the_demonstrations_and_is_reused(tmp_path, tiny_lm_path, env_kwargs, resources):
     from agents.llm import load_causal_lm
 
