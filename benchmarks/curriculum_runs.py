@@ -86,6 +86,7 @@ def summarize_run(folder: Path) -> dict:
     trm_only, trm_only_before, trm_only_after = scripted(val, "trm-only")
     return {
         "results": folder.name,
+        "prompt": "target hint" if settings.get("target_hint") else "agent's",
         "flags": flags,
         "run folder": run,
         "trm": trm.split()[1] if trm.startswith("weights ") else "not recorded",
@@ -141,21 +142,33 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-COLUMNS = ["results", "users", "stage-2 steps", "trm", "ndcg@10 before", "ndcg@10 after", "after - before (95% CI)",
-           "better / worse", "format failures", "trm-only", "before - trm-only (95% CI)",
+COLUMNS = ["results", "prompt", "users", "stage-2 steps", "trm", "ndcg@10 before", "ndcg@10 after",
+           "after - before (95% CI)", "better / worse", "format failures", "trm-only", "before - trm-only (95% CI)",
            "after - trm-only (95% CI)"]  # fmt: skip
 
 
 def report(rows: list[dict], unvalidated: list[dict]) -> str:
     """The markdown: the table, how many runs moved which way, each run's flags, the protocol."""
-    counts = {m: sum(r["moved"] == m for r in rows) for m in ("up", "down", "no")}
+
+    def moved(part: list[dict]) -> str:
+        counts = {m: sum(r["moved"] == m for r in part) for m in ("up", "down", "no")}
+        return (f"the interval of after - before lies above 0 in {counts['up']}, below 0 in {counts['down']}, and "
+                f"holds 0 in {counts['no']}")  # fmt: skip
+
+    honest = [r for r in rows if r["prompt"] != "target hint"]
+    control = [r for r in rows if r["prompt"] == "target hint"]
     lines = [
         "## Stage 2 on a CPU: every committed run",
         "",
         markdown_table(rows, COLUMNS),
         "",
-        f"{len(rows)} validated run{'s' * (len(rows) != 1)}: the interval of after - before lies above 0 in "
-        f"{counts['up']}, below 0 in {counts['down']}, and holds 0 in {counts['no']}.",
+        f"{len(honest)} validated run{'s' * (len(honest) != 1)} of an agent's prompt: {moved(honest)}."
+        + (
+            f" {len(control)} with the target's categories in the prompt (`--target-hint`: privileged, a positive "
+            f"control of the trainer, not an agent): {moved(control)}."
+            if control
+            else ""
+        ),
         "",
         "Flags of each run (`python -m benchmarks.curriculum_cpu` with these, and `--run`/`--out` naming its folders):",
         "",
@@ -176,6 +189,8 @@ def report(rows: list[dict], unvalidated: list[dict]) -> str:
         "printed it ('-': the run predates it)",
         "trm": "the TRM weights' digest (runs on other digests trained their TRM on another machine; docs/trm.md)",
         "rows with the same run folder": "validate the same checkpoints (on more users)",
+        "prompt": "agent's: what any agent reads; target hint: the prompt also named the target's categories "
+        "(--target-hint, privileged: a positive control of the trainer; docs/training.md)",
     }
     return "\n".join(lines) + f"\n\nProtocol:\n{protocol_text(protocol)}\n"
 

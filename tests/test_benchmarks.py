@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from unittest.mock import patch
 
 import numpy as np
@@ -580,7 +581,19 @@ def test_curriculum_runs_table_of_synthetic_runs(tmp_path, capsys):
     assert row["before - trm-only (95% CI)"] == row["after - trm-only (95% CI)"] == "-"  # the run did not print them
     assert data["unvalidated"] == [{"results": "curriculum_cpu_stopped", "note": "Two runs that did not finish"}]
     md = (out / "curriculum_runs.md").read_text()
-    assert "1 validated run: the interval of after - before lies above 0 in 1, below 0 in 0" in md
+    assert "1 validated run of an agent's prompt: the interval of after - before lies above 0 in 1, below 0 in 0" in md
+    assert row["prompt"] == "agent's" and "target hint" not in md.split("Protocol:")[0]
+    hinted = tmp_path / "res" / "curriculum_cpu_hint"  # the positive control: counted apart from the agents' runs
+    shutil.copytree(run, hinted)
+    (hinted / "settings.json").write_text(json.dumps({**json.loads((run / "settings.json").read_text()),
+                                                      "target_hint": True}))  # fmt: skip
+    main(["--results", str(tmp_path / "res"), "--out", str(out)])
+    md = (out / "curriculum_runs.md").read_text()
+    assert "1 validated run of an agent's prompt: the interval" in md
+    assert "1 with the target's categories in the prompt (`--target-hint`: privileged" in md
+    assert [r["prompt"] for r in json.loads((out / "curriculum_runs.json").read_text())["runs"]] == [
+        "target hint", "agent's"]  # fmt: skip
+    shutil.rmtree(hinted)
     assert "- `curriculum_cpu_stopped`: Two runs that did not finish" in md
     assert (out / "curriculum_runs.png").stat().st_size > 0
     (run / "README.md").write_text("# a README naming no command\n")  # not read as the default command
