@@ -50,7 +50,7 @@ from agents.runs import run_folder_errors, run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
 from deeprec_env.env import EnvConfig, get_resources
-from deeprec_env.protocol import copies_hint
+from deeprec_env.protocol import copies_hint, preference_phrases
 from deeprec_env.rewards import STAGES, weighted_reward
 
 CPU_ARGS = GRPOArgs(users_per_step=2, group_size=4, rollout_batch=8, micro_batch=2, prompt_history=5,
@@ -136,10 +136,14 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
              "components": dict(r.episode_reward_components), "retrieved_rank": r.retrieved_rank,
              "from_retrieved": r.from_retrieved}
             for i, r in enumerate(recs)]  # fmt: skip
+    for row, r in zip(rows, recs, strict=True):
+        row["preferences"] = list(r.preferences)
     if kwargs.get("target_hint"):  # the positive control: how many calls wrote the hint's categories
         categories = get_resources(EnvConfig(**kwargs)).dataset.catalog.categories
         for row, r in zip(rows, recs, strict=True):
+            hint = {c.lower() for c in categories[r.target]}
             row["hint_calls"] = sum(copies_hint(p, categories[r.target]) for p in r.preferences)
+            row["hint_category_calls"] = sum(bool(preference_phrases(p) & hint) for p in r.preferences)
     cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -216,6 +220,7 @@ def compare_validation(before: list[dict], after: list[dict], seed: int, weights
         "format_fail": "format_fail",
         "calls": "calls",
         "hint_calls": "calls copying the prompt's hint",
+        "hint_category_calls": "calls naming one of the hint's categories",
         "hallucinated": "answer lines naming no item",
         "seen": "answer lines the history has",
         "duplicates": "answer lines repeating an item",

@@ -263,14 +263,23 @@ def read_hint(prompt: str) -> list[str] | None:
     return [] if names == "none" else [c.strip() for c in names.split(",") if c.strip()]
 
 
-def copies_hint(preference: str, categories: Sequence[str]) -> bool:
-    """Whether a preference names exactly the hint's ``categories`` (any order, case or separator ``;``/``,``).
+def preference_phrases(preference: str) -> set[str]:
+    """The phrases of a preference, lower case, split at ``;`` and ``,``, without end punctuation.
 
-    >>> copies_hint("comedy;  Romance", ("Comedy", "Romance")), copies_hint("Comedy", ("Comedy", "Romance"))
+    >>> sorted(preference_phrases(" Horror;  thriller. "))
+    ['horror', 'thriller']
+    """
+    phrases = (w.strip().strip(".!?:").strip().lower() for w in re.split(r"[;,]", preference))
+    return {w for w in phrases if w}
+
+
+def copies_hint(preference: str, categories: Sequence[str]) -> bool:
+    """Whether a preference names exactly the hint's ``categories`` (any order, case, separator or end punctuation).
+
+    >>> copies_hint("comedy;  Romance.", ("Comedy", "Romance")), copies_hint("Comedy", ("Comedy", "Romance"))
     (True, False)
     """
-    words = {w.strip().lower() for w in re.split(r"[;,]", preference) if w.strip()}
-    return bool(categories) and words == {c.lower() for c in categories}
+    return bool(categories) and preference_phrases(preference) == {c.lower() for c in categories}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -296,7 +296,9 @@ def test_curriculum_cpu_target_hint(tmp_path, tiny_lm_path, tiny_encoder_path):
     assert "the prompt names the target's categories (target_hint: privileged" in text
     assert "| calls copying the prompt's hint |" in text and "| oracle-preference |" in text
     val = json.loads((out / "validation.json").read_text())
-    assert all(0 <= r["hint_calls"] <= r["calls"] for r in val["before"] + val["after"])
+    assert all(0 <= r["hint_calls"] <= r["hint_category_calls"] <= r["calls"] == len(r["preferences"])
+               for r in val["before"] + val["after"])  # fmt: skip
+    assert "| calls naming one of the hint's categories |" in text
 
 
 def test_curriculum_validation_separates_format_from_ranking():
