@@ -110,6 +110,9 @@ def test_hint_mix_copies_the_hint_in_its_share(env_kwargs, resources, options):
         evaluate_agent(HintMixPolicy(share=1.0), env_kwargs, options[:2], progress=False)
     with pytest.raises(ValueError, match="share=1.5"):
         HintMixPolicy(share=1.5)
+    args = EvalArgs(agents="trm-only", dataset="synthetic", users=2)
+    with pytest.raises(ValueError, match="never an evaluation setting"):  # the harness refuses the privileged prompt
+        run(args, env_kwargs={k: v for k, v in hinted.items() if k != "dataset"}, progress=False)
 
 
 def test_run_episodes_ends_stuck_policies(make_env):
