@@ -139,11 +139,12 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
     """Evaluate every agent of ``args``; write JSON lines per agent plus summary.json / summary.md."""
     env_kwargs = {"dataset": args.dataset, "dataset_path": args.dataset_path, "split": args.split,
                   "user_group": args.user_group, **(env_kwargs or {})}  # fmt: skip
-    if EnvConfig(**env_kwargs).target_hint:
+    config = EnvConfig(**env_kwargs)
+    if config.target_hint:
         raise ValueError("target_hint=True gives the target's categories away in the prompt: a check of a trainer "
                          "(docs/training.md), never an evaluation setting")  # fmt: skip
-    res = get_resources(EnvConfig(**env_kwargs), progress=progress)
-    n_examples = len(episode_split(EnvConfig(**env_kwargs), res.dataset))
+    res = get_resources(config, progress=progress)
+    n_examples = len(episode_split(config, res.dataset))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []

@@ -134,10 +134,8 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
              "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward,
              "components": dict(r.episode_reward_components), "retrieved_rank": r.retrieved_rank,
-             "from_retrieved": r.from_retrieved}
+             "from_retrieved": r.from_retrieved, "preferences": list(r.preferences)}
             for i, r in enumerate(recs)]  # fmt: skip
-    for row, r in zip(rows, recs, strict=True):
-        row["preferences"] = list(r.preferences)
     if kwargs.get("target_hint"):  # the positive control: how many calls wrote the hint's categories
         categories = get_resources(EnvConfig(**kwargs)).dataset.catalog.categories
         for row, r in zip(rows, recs, strict=True):

@@ -28,6 +28,8 @@ from benchmarks.curriculum_cpu import CPU_ARGS, changed_users
 PREFIX = "curriculum_cpu"
 """Results folders read: those under ``--results`` whose name starts with this."""
 COMMAND = "python -m benchmarks.curriculum_cpu"
+HINTED = "target hint"
+"""The ``prompt`` of a run whose prompt named the target's categories (``--target-hint``); an agent's is "agent's"."""
 OWN_FLAGS = ("--run", "--out", "--export")
 """Flags that name folders only: left out of the table's flags column (the run folder has its own column)."""
 
@@ -86,7 +88,7 @@ def summarize_run(folder: Path) -> dict:
     trm_only, trm_only_before, trm_only_after = scripted(val, "trm-only")
     return {
         "results": folder.name,
-        "prompt": "target hint" if settings.get("target_hint") else "agent's",
+        "prompt": HINTED if settings.get("target_hint") else "agent's",
         "flags": flags,
         "run folder": run,
         "trm": trm.split()[1] if trm.startswith("weights ") else "not recorded",
@@ -155,8 +157,8 @@ def report(rows: list[dict], unvalidated: list[dict]) -> str:
         return (f"the interval of after - before lies above 0 in {counts['up']}, below 0 in {counts['down']}, and "
                 f"holds 0 in {counts['no']}")  # fmt: skip
 
-    honest = [r for r in rows if r["prompt"] != "target hint"]
-    control = [r for r in rows if r["prompt"] == "target hint"]
+    honest = [r for r in rows if r["prompt"] != HINTED]
+    control = [r for r in rows if r["prompt"] == HINTED]
     lines = [
         "## Stage 2 on a CPU: every committed run",
         "",
