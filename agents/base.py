@@ -78,6 +78,9 @@ class EpisodeRecord:
     """Answer lines naming an item that one of the episode's calls retrieved."""
     preferences: list = field(default_factory=list)
     """The preference of each call, as the environment read it."""
+    shown: int = 0
+    """Answer lines naming an item of the history the prompt shows (``seen`` counts the user's whole history): what
+    an agent can know it should not recommend again."""
 
 
 def run_episodes(
@@ -155,15 +158,17 @@ def play_episodes(
                 extra=policy.describe(states[i]),
                 episode_reward_components=dict(f["episode_reward_components"]),
                 preferences=list(env.episode.preferences),
-                **retrieval_diagnostics(env.episode),
+                **episode_diagnostics(env.episode),
             )
         )
     return records, states
 
 
-def retrieval_diagnostics(episode) -> dict:
-    """``retrieved_rank`` and ``from_retrieved`` of a finished episode (see :class:`EpisodeRecord`)."""
+def episode_diagnostics(episode) -> dict:
+    """``retrieved_rank``, ``from_retrieved`` and ``shown`` of a finished episode (see :class:`EpisodeRecord`)."""
     positions = [np.flatnonzero(ids == episode.target) for ids in episode.retrieved]  # each call's (an array)
     retrieved = {int(i) for ids in episode.retrieved for i in ids}
+    shown = set(episode.history.tolist())
     return {"retrieved_rank": min((int(p[0]) for p in positions if len(p)), default=-1),
-            "from_retrieved": sum(i is not None and i in retrieved for i in episode.answer_ids)}  # fmt: skip
+            "from_retrieved": sum(i is not None and i in retrieved for i in episode.answer_ids),
+            "shown": sum(i is not None and i in shown for i in episode.answer_ids)}  # fmt: skip

@@ -189,6 +189,39 @@ class HintMixPolicy(TopCategoryUnseenPolicy):
         return super().preference(state)
 
 
+class UnseenMixPolicy(TopCategoryPolicy):
+    """A warm-start teacher whose answers skip the prompt's history titles in a drawn share of its episodes.
+
+    It calls as ``history-top-category``; in a share of its episodes it answers as
+    ``history-top-category-unseen`` (the retrieved titles the prompt's history does not show), in the others the
+    retrieved list as it came. It reads only its prompt: an honest agent, weaker than the unseen teacher. A warm
+    start on its transcripts makes a policy whose samples sometimes skip the shown titles and sometimes list them,
+    so stage 2 has a better answer to find in its own samples on the agent's prompt (``docs/training.md``). Not in
+    :data:`BASELINES`: as an agent it is a blend of two that are.
+
+    Args:
+        share: probability that an episode's answer skips the prompt's history titles.
+        seed: seed of the per-episode draw.
+    """
+
+    name = "unseen-mix"
+
+    def __init__(self, share: float = 0.25, seed: int = 0) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share={share}; must be in [0, 1]")
+        self.share = share
+        self._rng = np.random.default_rng(seed)
+
+    def start(self, env, obs, info):
+        """Draw whether this episode's answer skips the shown titles."""
+        return {**super().start(env, obs, info), "skip": bool(self._rng.random() < self.share)}
+
+    def ranking(self, state, retrieved: list[str]) -> list[str]:
+        """The retrieved titles, without the prompt's history titles in the episodes drawn to skip them."""
+        seen = seen_titles(state["prompt"]) if state["skip"] else set()
+        return unseen_first(retrieved, seen, state["env"].config.answer_k)
+
+
 class HistoryFacetPolicy(Policy):
     """Calls the TRM once per frequent history category, then merges the lists by TRM score.
 

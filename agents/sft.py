@@ -37,12 +37,15 @@ class SFTArgs(EpisodeSettings):
     model: str = "smollm2"
     """Model to fine-tune: 'smollm2' (embedded), a hub id or a local path."""
     teacher: str = "history-facet"
-    """Scripted agent that plays the demonstrations (a name in ``agents.baselines.BASELINES``, or ``hint-mix``: the
-    positive control's teacher, ``agents.baselines.HintMixPolicy``, on an env with ``target_hint``)."""
+    """Scripted agent that plays the demonstrations (a name in ``agents.baselines.BASELINES``; ``unseen-mix``,
+    ``agents.baselines.UnseenMixPolicy``; or ``hint-mix``: the positive control's teacher,
+    ``agents.baselines.HintMixPolicy``, on an env with ``target_hint``)."""
     teacher_calls: tuple[int, ...] = (1, 2, 3)
     """Calls per demonstration, drawn per episode (history-facet only)."""
     teacher_hint_share: float = 0.25
     """Share of the demonstrations whose call copies the prompt's hint (hint-mix only)."""
+    teacher_unseen_share: float = 0.25
+    """Share of the demonstrations whose answer skips the prompt's history titles (unseen-mix only)."""
     episodes: int = 48
     """Demonstration episodes (distinct training users)."""
     epochs: int = 2
@@ -79,8 +82,9 @@ class SFTArgs(EpisodeSettings):
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}; must be > 0")
-        if not 0.0 <= self.teacher_hint_share <= 1.0:
-            raise ValueError(f"teacher_hint_share={self.teacher_hint_share}; must be in [0, 1]")
+        for name in ("teacher_hint_share", "teacher_unseen_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:  # nan fails too
+                raise ValueError(f"{name}={getattr(self, name)}; must be in [0, 1]")
         check_checkpointing(self)
 
 
@@ -130,14 +134,17 @@ class TranscriptRecorder(Policy):
 
 def make_teacher(args: SFTArgs) -> Policy:
     """The scripted agent named by ``args.teacher``."""
-    from agents.baselines import BASELINES, HintMixPolicy, HistoryFacetPolicy
+    from agents.baselines import BASELINES, HintMixPolicy, HistoryFacetPolicy, UnseenMixPolicy
 
     if args.teacher == "history-facet":
         return HistoryFacetPolicy(n_calls=tuple(args.teacher_calls), seed=args.seed)
     if args.teacher == HintMixPolicy.name:
         return HintMixPolicy(share=args.teacher_hint_share, seed=args.seed)
+    if args.teacher == UnseenMixPolicy.name:
+        return UnseenMixPolicy(share=args.teacher_unseen_share, seed=args.seed)
     if args.teacher not in BASELINES:
-        raise ValueError(f"teacher={args.teacher!r}; must be one of {sorted([*BASELINES, HintMixPolicy.name])}")
+        names = sorted([*BASELINES, HintMixPolicy.name, UnseenMixPolicy.name])
+        raise ValueError(f"teacher={args.teacher!r}; must be one of {names}")
     if BASELINES[args.teacher].privileged:
         raise ValueError(f"teacher={args.teacher!r} reads the target: a policy must not learn from it")
     return BASELINES[args.teacher]()

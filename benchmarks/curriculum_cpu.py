@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.baselines import BASELINES, HintMixPolicy
+from agents.baselines import BASELINES, HintMixPolicy, UnseenMixPolicy
 from agents.curriculum import run_curriculum
 from agents.evaluate import trm_line
 from agents.grpo import GRPOArgs
@@ -68,7 +68,8 @@ CPU_WARM = SFTArgs(teacher="history-top-category-unseen", episodes=32, epochs=3,
 fine-tuning), three epochs (12 steps). Shorter warm starts were too weak a start for RL: after 1 epoch every greedy
 validation episode failed the format (0.19 calls per episode); after 2 epochs greedy failed 5%, but 88% of the
 samples of stage 2's first step and all of the next four, so every advantage was 0 (``NOTES.md``)."""
-TEACHERS = [*sorted(name for name, cls in BASELINES.items() if not cls.privileged), HintMixPolicy.name]
+TEACHERS = [*sorted(name for name, cls in BASELINES.items() if not cls.privileged), UnseenMixPolicy.name,
+            HintMixPolicy.name]  # fmt: skip
 """Scripted agents a warm start may imitate (``--warmstart-teacher``; never one that reads the target, and
 ``hint-mix`` only with ``--target-hint``, where the prompt gives the target's categories away)."""
 
@@ -80,10 +81,16 @@ def teacher_text(warm: SFTArgs) -> str:
     'history-facet (1, 2 or 3 calls, drawn per transcript)'
     >>> teacher_text(replace(CPU_WARM, teacher="hint-mix", teacher_hint_share=0.25))[:52]
     "hint-mix (the call copies the prompt's hint in 0.25 "
+    >>> teacher_text(replace(CPU_WARM, teacher="unseen-mix", teacher_unseen_share=0.25))[:60]
+    "unseen-mix (the history's top category; the answer skips the"
     """
     if warm.teacher == HintMixPolicy.name:
         return (f"{warm.teacher} (the call copies the prompt's hint in {warm.teacher_hint_share:g} of the "
                 "transcripts, drawn per transcript; otherwise the history's top category)")  # fmt: skip
+    if warm.teacher == UnseenMixPolicy.name:
+        return (f"{warm.teacher} (the history's top category; the answer skips the prompt's history titles in "
+                f"{warm.teacher_unseen_share:g} of the transcripts, drawn per transcript, and lists the call's "
+                "items as they came otherwise)")  # fmt: skip
     if warm.teacher != "history-facet":
         return warm.teacher
     *head, last = map(str, warm.teacher_calls)
@@ -134,7 +141,7 @@ def validation(checkpoint: Path, base: GRPOArgs, env_kwargs: dict | None, n_user
     rows = [{"example": i, **r.metrics, "calls": r.calls, "format_fail": float(bool(r.format_errors)),
              "hallucinated": r.hallucinated, "seen": r.seen, "duplicates": r.duplicates, "reward": r.reward,
              "components": dict(r.episode_reward_components), "retrieved_rank": r.retrieved_rank,
-             "from_retrieved": r.from_retrieved, "preferences": list(r.preferences)}
+             "from_retrieved": r.from_retrieved, "shown": r.shown, "preferences": list(r.preferences)}
             for i, r in enumerate(recs)]  # fmt: skip
     if kwargs.get("target_hint"):  # the positive control: how many calls wrote the hint's categories
         categories = get_resources(EnvConfig(**kwargs)).dataset.catalog.categories
@@ -221,6 +228,7 @@ def compare_validation(before: list[dict], after: list[dict], seed: int, weights
         "hint_category_calls": "calls naming one of the hint's categories",
         "hallucinated": "answer lines naming no item",
         "seen": "answer lines the history has",
+        "shown": "answer lines the prompt's history shows",
         "duplicates": "answer lines repeating an item",
         "reward": "reward",
     }
@@ -494,6 +502,13 @@ def main(argv=None) -> None:
         help=f"share of hint-mix transcripts whose call copies the hint (default {CPU_WARM.teacher_hint_share})",
     )
     ap.add_argument(
+        "--warmstart-unseen-share",
+        type=float,
+        default=CPU_WARM.teacher_unseen_share,
+        help="share of unseen-mix transcripts whose answer skips the prompt's history titles "
+        f"(default {CPU_WARM.teacher_unseen_share})",
+    )
+    ap.add_argument(
         "--warmstart-episodes",
         type=int,
         default=CPU_WARM.episodes,
@@ -545,6 +560,7 @@ def main(argv=None) -> None:
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
         warm = replace(CPU_WARM, teacher=args.warmstart_teacher, episodes=args.warmstart_episodes,
                        epochs=args.warmstart_epochs, teacher_hint_share=args.warmstart_hint_share,
+                       teacher_unseen_share=args.warmstart_unseen_share,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
     except ValueError as e:
         ap.error(str(e))
@@ -596,6 +612,8 @@ def main(argv=None) -> None:
     names = ("trm-only", "history-top-category", warm.teacher)
     if warm.teacher == HintMixPolicy.name:  # what the hint is worth: its categories as the one call's preference
         names = ("trm-only", "history-top-category", "history-top-category-unseen", "oracle-preference")
+    elif warm.teacher == UnseenMixPolicy.name:  # the two teachers it blends
+        names = ("trm-only", "history-top-category", "history-top-category-unseen")
     val["scripted"] = scripted_validation(base, env_kwargs, n_val, names, {"before": before, "after": after}, base.seed)
     val["trm"] = trm_line(get_resources(EnvConfig(**base.env_kwargs("rec", env_kwargs))).retriever)
     dest = Path(args.out) if args.out else RESULTS / ("curriculum_cpu" + ("_smoke" if args.smoke else ""))

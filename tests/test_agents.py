@@ -115,6 +115,28 @@ def test_hint_mix_copies_the_hint_in_its_share(env_kwargs, resources, options):
         run(args, env_kwargs={k: v for k, v in hinted.items() if k != "dataset"}, progress=False)
 
 
+def test_unseen_mix_skips_the_shown_titles_in_its_share(env_kwargs, resources, options):
+    from agents.baselines import UnseenMixPolicy
+
+    def play(policy):
+        return evaluate_agent(policy, env_kwargs, options[:24], batch_size=8, progress=False)
+
+    copy, skip = play(BASELINES["history-top-category"]()), play(BASELINES["history-top-category-unseen"]())
+    assert [r.answer_ids for r in play(UnseenMixPolicy(share=0.0))] == [r.answer_ids for r in copy]
+    assert [r.answer_ids for r in play(UnseenMixPolicy(share=1.0))] == [r.answer_ids for r in skip]
+    mixed = play(UnseenMixPolicy(share=0.5))
+    assert [r.preferences for r in mixed] == [r.preferences for r in copy]  # the same call every time
+    assert all(m.answer_ids in (c.answer_ids, s.answer_ids) for m, c, s in zip(mixed, copy, skip, strict=True))
+    differ = [i for i in range(24) if copy[i].answer_ids != skip[i].answer_ids]
+    assert len(differ) >= 4  # the retrieved lists hold titles the prompt shows
+    assert 0 < sum(mixed[i].answer_ids == skip[i].answer_ids for i in differ) < len(differ)  # drawn per episode
+    # ``shown`` counts the answer lines the prompt's history shows: the copy lists them, the skipping agent not
+    assert sum(r.shown for r in copy) > 0 and all(s.shown <= c.shown for c, s in zip(copy, skip, strict=True))
+    assert all(r.shown <= r.seen for r in copy)  # the prompt shows part of the whole history
+    with pytest.raises(ValueError, match="share=-1"):
+        UnseenMixPolicy(share=-1)
+
+
 def test_run_episodes_ends_stuck_policies(make_env):
     class Chatty(Policy):
         name = "chatty"

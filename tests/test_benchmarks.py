@@ -223,6 +223,9 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
     assert "sampling temperature 0.9" in text
     assert "1 user x 3 samples" in text and "groups (one user's 3 samples each)" in text
     assert "last 4 history items in the prompt, top-12 items per call" in text
+    assert "| answer lines the prompt's history shows |" in text  # the part of ``seen`` an agent can avoid
+    val = json.loads((other / "validation.json").read_text())
+    assert all(0 <= r["shown"] <= r["seen"] for r in val["before"] + val["after"])
     # a larger (here: smaller) validation of the finished run: its own cache files, the first kept, its time said
     curriculum_cpu.main([*argv0, "--val-users", "2"])
     val = json.loads((other / "validation.json").read_text())
@@ -263,6 +266,7 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--warmstart-teacher", "hint-mix"],  # without the hint it reads
         ["--target-hint"],  # without the teacher that shows it
         ["--target-hint", "--warmstart-teacher", "hint-mix", "--warmstart-hint-share", "1.5"],
+        ["--warmstart-teacher", "unseen-mix", "--warmstart-unseen-share", "-0.5"],  # reaches SFTArgs' check
         ["--prompt-history", "0"],
         ["--retrieval-k", "0"],
         ["--users-per-step", "0"],

@@ -73,6 +73,17 @@ def test_hint_mix_teacher(tiny_lm_path, env_kwargs, resources):
         SFTArgs(teacher_hint_share=-0.1)
 
 
+def test_unseen_mix_teacher(tiny_lm_path, env_kwargs, resources):
+    from agents.baselines import UnseenMixPolicy
+
+    teacher = make_teacher(SFTArgs(teacher="unseen-mix", teacher_unseen_share=0.75, seed=3))
+    assert isinstance(teacher, UnseenMixPolicy) and teacher.share == 0.75
+    with pytest.raises(ValueError, match="teacher_unseen_share=nan"):
+        SFTArgs(teacher_unseen_share=float("nan"))
+    with pytest.raises(ValueError, match="unseen-mix"):  # the error lists every teacher
+        make_teacher(SFTArgs(teacher="no-such-agent"))
+
+
 def test_sft_fits_the_demonstrations_and_is_reused(tmp_path, tiny_lm_path, env_kwargs, resources):
     from agents.llm import load_causal_lm
 
