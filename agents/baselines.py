@@ -151,7 +151,23 @@ class OraclePolicy(_TwoStep):
         return "; ".join(env.catalog.categories[env.episode.target]) or "movies"
 
 
-class HintMixPolicy(TopCategoryUnseenPolicy):
+class _DrawnShare:
+    """A teacher that draws per episode whether it departs from the agent it extends.
+
+    The draw has probability ``share``, from a generator seeded by ``seed``.
+    """
+
+    def __init__(self, share: float = 0.25, seed: int = 0) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share={share}; must be in [0, 1]")
+        self.share = share
+        self._rng = np.random.default_rng(seed)
+
+    def _draw(self) -> bool:
+        return bool(self._rng.random() < self.share)
+
+
+class HintMixPolicy(_DrawnShare, TopCategoryUnseenPolicy):
     """Teacher of the positive control (``EnvConfig.target_hint``): a share of its calls copy the prompt's hint.
 
     In a drawn share of its episodes it calls with the categories the prompt's hint names instead of the history's
@@ -169,18 +185,12 @@ class HintMixPolicy(TopCategoryUnseenPolicy):
 
     name = "hint-mix"
 
-    def __init__(self, share: float = 0.25, seed: int = 0) -> None:
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"share={share}; must be in [0, 1]")
-        self.share = share
-        self._rng = np.random.default_rng(seed)
-
     def start(self, env, obs, info):
         """Check the prompt has a hint and draw whether this episode copies it."""
         hint = read_hint(obs)
         if hint is None:
             raise ValueError("the hint-mix teacher needs the env's target_hint=True (its prompt has no hint line)")
-        return {**super().start(env, obs, info), "hint": hint, "copy": bool(self._rng.random() < self.share)}
+        return {**super().start(env, obs, info), "hint": hint, "copy": self._draw()}
 
     def preference(self, state) -> str:
         """The hint's categories (as ``oracle-preference`` writes the target's) or the history's top category."""
@@ -189,7 +199,7 @@ class HintMixPolicy(TopCategoryUnseenPolicy):
         return super().preference(state)
 
 
-class UnseenMixPolicy(TopCategoryPolicy):
+class UnseenMixPolicy(_DrawnShare, TopCategoryPolicy):
     """A warm-start teacher whose answers skip the prompt's history titles in a drawn share of its episodes.
 
     It calls as ``history-top-category``; in a share of its episodes it answers as
@@ -206,15 +216,9 @@ class UnseenMixPolicy(TopCategoryPolicy):
 
     name = "unseen-mix"
 
-    def __init__(self, share: float = 0.25, seed: int = 0) -> None:
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"share={share}; must be in [0, 1]")
-        self.share = share
-        self._rng = np.random.default_rng(seed)
-
     def start(self, env, obs, info):
         """Draw whether this episode's answer skips the shown titles."""
-        return {**super().start(env, obs, info), "skip": bool(self._rng.random() < self.share)}
+        return {**super().start(env, obs, info), "skip": self._draw()}
 
     def ranking(self, state, retrieved: list[str]) -> list[str]:
         """The retrieved titles, without the prompt's history titles in the episodes drawn to skip them."""
