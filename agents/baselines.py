@@ -51,9 +51,13 @@ class _TwoStep(Policy):
     skip_seen = False
     """Answer the best retrieved items that are not in the prompt's history, instead of the top 10 as is."""
 
+    def skips_seen(self, state) -> bool:
+        """Whether this episode's answer skips the prompt's history titles (``skip_seen``; a subclass may draw it)."""
+        return self.skip_seen
+
     def ranking(self, state, retrieved: list[str]) -> list[str]:
-        """Titles to answer, best first: the retrieved list, without the history's titles when ``skip_seen``."""
-        seen = seen_titles(state["prompt"]) if self.skip_seen else set()
+        """Titles to answer, best first: the retrieved list, without the history's titles when :meth:`skips_seen`."""
+        seen = seen_titles(state["prompt"]) if self.skips_seen(state) else set()
         return unseen_first(retrieved, seen, state["env"].config.answer_k)
 
     def act(self, state, obs: str) -> str:
@@ -220,10 +224,9 @@ class UnseenMixPolicy(_DrawnShare, TopCategoryPolicy):
         """Draw whether this episode's answer skips the shown titles."""
         return {**super().start(env, obs, info), "skip": self._draw()}
 
-    def ranking(self, state, retrieved: list[str]) -> list[str]:
-        """The retrieved titles, without the prompt's history titles in the episodes drawn to skip them."""
-        seen = seen_titles(state["prompt"]) if state["skip"] else set()
-        return unseen_first(retrieved, seen, state["env"].config.answer_k)
+    def skips_seen(self, state) -> bool:
+        """Whether this episode was drawn to skip the shown titles."""
+        return state["skip"]
 
 
 class HistoryFacetPolicy(Policy):

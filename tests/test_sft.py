@@ -73,7 +73,7 @@ def test_hint_mix_teacher(tiny_lm_path, env_kwargs, resources):
         SFTArgs(teacher_hint_share=-0.1)
 
 
-def test_unseen_mix_teacher(tiny_lm_path, env_kwargs, resources):
+def test_unseen_mix_teacher():
     from agents.baselines import UnseenMixPolicy
 
     teacher = make_teacher(SFTArgs(teacher="unseen-mix", teacher_unseen_share=0.75, seed=3))
