@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from agents.base import EpisodeRecord, Policy, run_episodes
+from deeprec_env.config import Device, Dtype, check_fields
 from deeprec_env.env import DeepRecEnv, EnvConfig, Resources, episode_split, get_resources
 from deeprec_env.trm import weights_digest, weights_line
 
@@ -49,9 +50,9 @@ class EvalArgs:
     """Episodes run in lock step (the LLM generates for all of them at once)."""
     model: str = "smollm2"
     """LLM: 'smollm2' (embedded SmolLM2-135M-Instruct), a hub id or a local path."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """Torch device for the LLM."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Torch dtype for the LLM."""
     max_new_tokens: int = 256
     """LLM tokens per segment."""
@@ -61,6 +62,9 @@ class EvalArgs:
     """Seed of the user order and of sampling agents."""
     out: str = "runs/eval"
     """Folder for <agent>.jsonl, summary.json and summary.md."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def episode_options(n_examples: int, users: int | None, seed: int) -> list[dict]:

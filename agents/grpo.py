@@ -45,7 +45,7 @@ from agents.runs import (
     validate,
     write_log,
 )
-from deeprec_env.config import check_fields
+from deeprec_env.config import Device, Dtype, check_fields, torch_device
 
 
 @dataclass(frozen=True)
@@ -138,9 +138,9 @@ class GRPOArgs(EpisodeSettings):
     engine that gets the weights after every step (needs vLLM; see :mod:`agents.vllm_engine`)."""
     vllm_gpu_memory: float = 0.3
     """Share of the accelerator's memory the vLLM engine may take (the trainer needs the rest)."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """Torch device (use accelerate launch for several GPUs)."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Model dtype."""
     seed: int = 0
     """Seed of user draws and sampling (a step's randomness depends only on (seed, step))."""
@@ -496,7 +496,8 @@ def _accelerator(args: GRPOArgs):
         from agents.vllm_engine import require_vllm
 
         require_vllm()  # before anything is loaded
-    accelerator = Accelerator(cpu=torch.device(args.device).type == "cpu")
+    # before accelerate, which runs on the CPU when asked for a GPU it cannot find
+    accelerator = Accelerator(cpu=torch_device(args.device, "GRPOArgs.device").type == "cpu")
     if args.users_per_step % accelerator.num_processes:
         raise ValueError(
             f"users_per_step={args.users_per_step} must be a multiple of the {accelerator.num_processes} processes"

@@ -17,16 +17,18 @@ import importlib.util
 import json
 import os
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from agents.base import Policy
+from deeprec_env.config import Dtype
 
 DEFAULT_MODEL = "smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = typing.get_args(Dtype)
 
 
 def _require(module: str) -> None:
@@ -68,8 +70,14 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
     (``base_model_name_or_path``) with the adapter on top; ``trainable_adapter`` keeps the adapter
     trainable (to continue training), otherwise it is merged into the weights for inference. A path that cannot
     be a hub id (absolute, relative with ``.``/``~`` or more than one ``/``) and does not exist raises
-    ``FileNotFoundError``.
+    ``FileNotFoundError``. A ``device`` this machine lacks or an unknown ``dtype`` is a ``ValueError`` before anything
+    is read.
     """
+    from deeprec_env.config import torch_device
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}; must be one of {_DTYPES}")
+    device = torch_device(device)
     local = Path(str(model)).expanduser()
     if not local.exists() and (local.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") > 1):
         raise FileNotFoundError(f"model {str(model)!r}: no such folder (a hub id is 'name' or 'namespace/name')")
@@ -94,8 +102,6 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
     _require("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}; must be one of {_DTYPES}")
     torch_dtype = getattr(torch, dtype)
     path = str(model)
     if model == DEFAULT_MODEL:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agents.base import Policy
+from deeprec_env.config import torch_device
 
 
 def _require_sb3():
@@ -49,7 +50,7 @@ class PPOArgs:
     seed: int = 0
     """Seed of PPO and of the environment."""
     device: str = "cpu"
-    """Torch device of the PPO networks."""
+    """Torch device of the PPO networks (or stable-baselines3's ``"auto"``: a GPU if there is one)."""
     out: str = "runs/sb3-ppo.zip"
     """Where the trained model is saved."""
 
@@ -61,6 +62,8 @@ def train_ppo(args: PPOArgs, env_kwargs: dict | None = None):
     import deeprec_env  # noqa: F401
 
     sb3 = _require_sb3()
+    if args.device != "auto":  # stable-baselines3 would run on the CPU when asked for a GPU it cannot find
+        torch_device(args.device, "PPOArgs.device")
     kwargs = {"dataset": args.dataset, "split": args.split, "user_group": args.user_group, "n_facets": args.n_facets,
               **(env_kwargs or {})}  # fmt: skip
     env = gym.wrappers.RecordEpisodeStatistics(gym.make("DeepRecNumeric-v0", **kwargs), buffer_length=10**7)

@@ -27,7 +27,7 @@ import torch
 from agents.base import Policy, play_episodes
 from agents.llm import Trajectory, check_checkpointing, prompt_text
 from agents.rollout import EpisodeSettings, pad_batch, token_logprobs
-from deeprec_env.config import check_fields
+from deeprec_env.config import Device, Dtype, check_fields
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,9 @@ class SFTArgs(EpisodeSettings):
     """Adam betas."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """Torch device."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Model dtype."""
     seed: int = 0
     """Seed of the user draw, the teacher's call counts and the batch order."""

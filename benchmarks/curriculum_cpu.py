@@ -49,6 +49,7 @@ from agents.rollout import episode_settings
 from agents.runs import run_folder_errors, run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
+from deeprec_env.config import Dtype, torch_device
 from deeprec_env.env import EnvConfig, get_resources
 from deeprec_env.protocol import copies_hint, preference_phrases
 from deeprec_env.rewards import STAGES, weighted_reward
@@ -68,6 +69,8 @@ CPU_WARM = SFTArgs(teacher="history-top-category-unseen", episodes=32, epochs=3,
 fine-tuning), three epochs (12 steps). Shorter warm starts were too weak a start for RL: after 1 epoch every greedy
 validation episode failed the format (0.19 calls per episode); after 2 epochs greedy failed 5%, but 88% of the
 samples of stage 2's first step and all of the next four, so every advantage was 0 (``NOTES.md``)."""
+_DTYPE_TEXT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 TEACHERS = [*sorted(name for name, cls in BASELINES.items() if not cls.privileged), UnseenMixPolicy.name,
             HintMixPolicy.name]  # fmt: skip
 """Scripted agents a warm start may imitate (``--warmstart-teacher``; never one that reads the target, and
@@ -322,11 +325,13 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
     """
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     state = json.loads((out / "warmstart" / "checkpoint" / "trainer_state.json").read_text())
+    cpu = base.device.split(":")[0] == "cpu"
+    where = "" if cpu else f", on {base.device}"
     cols = ["step", "stage", "reward", "reward_hit", "reward_rank", "calls", "format_fail", "signal_groups",
             "signal_groups_hit", "loss", "clip_fraction", "seconds"]  # fmt: skip
     protocol = {
-        "model": f"{base.model} (SmolLM2-135M-Instruct, fp32) + LoRA r={base.lora_r} on every linear layer, "
-        f"chat prompt, sampling temperature {base.temperature}",
+        "model": f"{base.model} (SmolLM2-135M-Instruct, {_DTYPE_TEXT[base.dtype]}{where}) + LoRA r={base.lora_r} "
+        f"on every linear layer, chat prompt, sampling temperature {base.temperature}",
         "data": f"{base.dataset}, training episodes = the test targets of the RL user group; validation = greedy "
         f"episodes on the first {val['users']} users of a seeded order of the evaluation group's valid targets",
         "warm start": f"SFT on {state['demonstrations']} {teacher_text(warm)} transcripts (teacher NDCG@10 "
@@ -371,8 +376,8 @@ def summarize(out: Path, command: str, base: GRPOArgs, warm: SFTArgs, steps: dic
     vcols = ["quantity", "before", "after", "paired difference (95% CI)"]
     scols = ["agent", "ndcg@10", "recall@10", *(k for k in val["scripted"][0] if k.startswith("LLM "))]
     return (
-        "# Stage 2 on a CPU (SmolLM2-135M-Instruct + LoRA, embedded ml-100k)\n\n"
-        f"Command (written by it; 2-core CPU):\n\n```bash\n{command}\n```\n\n"
+        f"# Stage 2 on {'a CPU' if cpu else base.device} (SmolLM2-135M-Instruct + LoRA, embedded ml-100k)\n\n"
+        f"Command (written by it; {'2-core CPU' if cpu else base.device}):\n\n```bash\n{command}\n```\n\n"
         f"Protocol:\n{protocol_text(protocol)}\n\n"
         f"## Validation before and after stage 2 ({val['users']} fixed users, greedy)\n\n"
         f"{markdown_table(val['rows'], vcols)}\n\n"
@@ -398,6 +403,13 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic model and data, seconds")
     ap.add_argument("--model", default=None, help="policy to start from (default: smollm2)")
     ap.add_argument("--encoder", default=None, help="text encoder of the env (default: the embedded MiniLM)")
+    ap.add_argument(
+        "--device",
+        default=CPU_ARGS.device,
+        help=f"torch device of the policy: warm start, stage 2 and validation (default {CPU_ARGS.device})",
+    )
+    ap.add_argument("--dtype", choices=typing.get_args(Dtype), default=CPU_ARGS.dtype,
+                    help=f"the policy's dtype (default {CPU_ARGS.dtype})")  # fmt: skip
     ap.add_argument(
         "--format-weight",
         type=float,
@@ -543,6 +555,10 @@ def main(argv=None) -> None:
                  "hint no teacher shows is a different experiment")  # fmt: skip
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
+    try:
+        torch_device(args.device, "--device")  # before the warm start: a GPU this machine lacks
+    except ValueError as e:
+        ap.error(str(e))
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
     nonnegative = ("micro_batch_tokens", "train_users")
@@ -556,7 +572,7 @@ def main(argv=None) -> None:
     try:  # the settings classes refuse what the flags above cannot (gradient checkpointing with share_prefix)
         base = replace(CPU_ARGS, **{f: getattr(args, f) for f in (*sizes, *choices)},
                        difficulty_top=args.difficulty_top, lr=args.lr, temperature=args.temperature,
-                       kl_coef=args.kl_coef, share_prefix=args.share_prefix,
+                       kl_coef=args.kl_coef, share_prefix=args.share_prefix, device=args.device, dtype=args.dtype,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
         warm = replace(CPU_WARM, teacher=args.warmstart_teacher, episodes=args.warmstart_episodes,
                        epochs=args.warmstart_epochs, teacher_hint_share=args.warmstart_hint_share,

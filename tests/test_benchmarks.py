@@ -170,9 +170,13 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
              "--train-segments", "answer", "--mask-history", "--steps", "2", "--group-size", "3",
              "--temperature", "0.9", "--micro-batch-tokens", "4000", "--share-prefix", "--prompt-history", "4",
              "--retrieval-k", "12", "--warmstart-episodes", "3", "--warmstart-epochs", "2",
-             "--warmstart-teacher", "history-facet", "--train-users", "2"]  # fmt: skip
+             "--warmstart-teacher", "history-facet", "--train-users", "2", "--device", "cpu",
+             "--dtype", "bfloat16"]  # fmt: skip
     curriculum_cpu.main(argv0)
     settings = json.loads((other / "settings.json").read_text())
+    assert settings["stage"]["dtype"] == settings["warm_start"]["dtype"] == "bfloat16"  # the policy's, everywhere
+    assert "(SmolLM2-135M-Instruct, bf16) + LoRA" in (other / "README.md").read_text()
+    assert json.loads((out / "settings.json").read_text())["stage"]["dtype"] == "float32"
     assert settings["steps"]["rec"] == 2 and len((other / "log.jsonl").read_text().splitlines()) == 2
     assert settings["stage"]["micro_batch_tokens"] == 4000 and settings["stage"]["share_prefix"]
     assert not settings["stage"]["gradient_checkpointing"] and not settings["warm_start"]["gradient_checkpointing"]
@@ -275,6 +279,9 @@ def test_curriculum_cpu_smoke(tmp_path, tiny_lm_path, tiny_encoder_path, capsys)
         ["--micro-batch-tokens", "-1"],
         ["--train-users", "-1"],
         ["--gradient-checkpointing"],  # argv0 shares the prompt prefix
+        ["--device", "gpu"],
+        ["--device", "cuda:99"],  # no machine here has it: refused before the warm start
+        ["--dtype", "float8"],
     ):
         with pytest.raises(SystemExit):
             curriculum_cpu.main([*argv0, *bad])

@@ -88,3 +88,100 @@ def test_paths_may_be_pathlike(tmp_path):
     (tmp_path / "ratings.csv").write_text("user_id,item_id,timestamp\n")
     cfg = EnvConfig(dataset="atomic", dataset_path=tmp_path / "ratings.csv")
     assert cfg.dataset_path == str(tmp_path / "ratings.csv")
+
+
+# --- devices and dtypes -------------------------------------------------------------------------------------
+
+
+def _settings_classes():
+    from agents.evaluate import EvalArgs
+    from agents.grpo import GRPOArgs
+    from agents.sft import SFTArgs
+
+    return [TRMConfig, GRPOArgs, SFTArgs, EvalArgs]
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda:x", "", 3])
+def test_settings_refuse_a_name_that_is_no_torch_device(device):
+    for cls in _settings_classes():
+        with pytest.raises((ValueError, TypeError), match=f"{cls.__name__}.device"):
+            cls(device=device)
+
+
+def test_settings_refuse_an_unknown_dtype():
+    for cls in _settings_classes():
+        with pytest.raises(ValueError, match=f"{cls.__name__}.dtype='float8'"):
+            cls(dtype="float8")
+
+
+def test_settings_may_name_a_gpu_this_machine_lacks():
+    # a settings object may describe a run for another machine (agents.grpo.PAPER_SCALE); using it here is the error
+    for cls in _settings_classes():
+        assert cls(device="cuda:1", dtype="bfloat16").device == "cuda:1"
+
+
+def _no_cuda(monkeypatch, n: int = 0):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+def test_torch_device_refuses_a_gpu_torch_cannot_use(monkeypatch):
+    from deeprec_env.config import torch_device
+
+    _no_cuda(monkeypatch)
+    assert str(torch_device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match=r"device='cuda', but torch .* sees no CUDA device"):
+        torch_device("cuda")
+    _no_cuda(monkeypatch, 2)
+    assert str(torch_device("cuda:1")) == "cuda:1"
+    with pytest.raises(ValueError, match=r"X='cuda:2', but torch sees 2 CUDA device\(s\): cuda:0 to cuda:1"):
+        torch_device("cuda:2", "X")
+    with pytest.raises(ValueError, match="expected a torch device"):
+        torch_device("gpu")
+
+
+def test_no_model_path_falls_back_to_the_cpu(monkeypatch, tmp_path, tiny_encoder_path, tiny_lm_path):
+    # accelerate and stable-baselines3 would quietly run on the CPU; torch would fail late: each refuses at once
+    from agents.grpo import GRPOArgs, train
+    from agents.llm import load_causal_lm
+    from deeprec_env.embed import TextEncoder
+    from deeprec_env.trm import TRMConfig, load_trm
+
+    _no_cuda(monkeypatch)
+    gpu = "no CUDA device"
+    with pytest.raises(ValueError, match=gpu):
+        train(GRPOArgs(model=str(tiny_lm_path), device="cuda", dataset="synthetic", out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=gpu):
+        load_causal_lm(str(tiny_lm_path), device="cuda")
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        load_causal_lm(str(tiny_lm_path), dtype="float8")
+    with pytest.raises(ValueError, match=gpu):
+        TextEncoder(tiny_encoder_path, device="cuda")
+    with pytest.raises(ValueError, match=gpu):
+        load_trm(tmp_path / "no-such-trm", device="cuda")
+    assert TRMConfig(device="cuda").device == "cuda"
+
+
+def test_ppo_refuses_a_gpu_this_machine_lacks(monkeypatch):
+    pytest.importorskip("stable_baselines3")
+    from agents.sb3 import PPOArgs, train_ppo
+
+    _no_cuda(monkeypatch)
+    with pytest.raises(ValueError, match=r"PPOArgs.device='cuda'"):
+        train_ppo(PPOArgs(device="cuda", dataset="synthetic"))
+
+
+def test_commands_refuse_a_gpu_this_machine_lacks_in_one_line(monkeypatch, capsys):
+    from agents import grpo
+    from deeprec_env import cli
+
+    _no_cuda(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--device", "cuda", "--dataset", "synthetic"])
+    assert e.value.code == 2
+    assert "--device='cuda', but torch" in capsys.readouterr().err
+    assert cli.main(["trm-train", "--dataset", "synthetic", "--out", "x", "--device", "cuda:0"]) == 2
+    assert "--device='cuda:0', but torch" in capsys.readouterr().err
