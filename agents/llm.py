@@ -17,18 +17,17 @@ import importlib.util
 import json
 import os
 import shutil
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from agents.base import Policy
-from deeprec_env.config import Dtype
+from deeprec_env.config import DTYPES
 
 DEFAULT_MODEL = "smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = typing.get_args(Dtype)
+_DTYPES = DTYPES
 
 
 def _require(module: str) -> None:

@@ -113,11 +113,13 @@ class SB3Policy(Policy):
 
 def main(argv=None) -> None:
     """Train and save (CLI built from :class:`PPOArgs`)."""
-    from deeprec_env.cli import add_dataclass_args, from_args
+    from deeprec_env.cli import add_dataclass_args, from_args, require_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(ap, PPOArgs)
     args = from_args(PPOArgs, ap.parse_args(argv), parser=ap)
+    if args.device != "auto":
+        require_device(ap, args.device)
     train_ppo(args)
     print(f"saved {args.out}")
 

@@ -49,7 +49,8 @@ from agents.rollout import episode_settings
 from agents.runs import run_folder_errors, run_state
 from agents.sft import SFTArgs, train_sft
 from benchmarks.common import RESULTS, markdown_table, protocol_text
-from deeprec_env.config import Dtype, torch_device
+from deeprec_env.cli import device_option
+from deeprec_env.config import DTYPES
 from deeprec_env.env import EnvConfig, get_resources
 from deeprec_env.protocol import copies_hint, preference_phrases
 from deeprec_env.rewards import STAGES, weighted_reward
@@ -405,10 +406,11 @@ def main(argv=None) -> None:
     ap.add_argument("--encoder", default=None, help="text encoder of the env (default: the embedded MiniLM)")
     ap.add_argument(
         "--device",
+        type=device_option,
         default=CPU_ARGS.device,
         help=f"torch device of the policy: warm start, stage 2 and validation (default {CPU_ARGS.device})",
     )
-    ap.add_argument("--dtype", choices=typing.get_args(Dtype), default=CPU_ARGS.dtype,
+    ap.add_argument("--dtype", choices=DTYPES, default=CPU_ARGS.dtype,
                     help=f"the policy's dtype (default {CPU_ARGS.dtype})")  # fmt: skip
     ap.add_argument(
         "--format-weight",
@@ -555,10 +557,6 @@ def main(argv=None) -> None:
                  "hint no teacher shows is a different experiment")  # fmt: skip
     if args.difficulty_top < 1:
         ap.error(f"--difficulty-top {args.difficulty_top}; must be >= 1")
-    try:
-        torch_device(args.device, "--device")  # before the warm start: a GPU this machine lacks
-    except ValueError as e:
-        ap.error(str(e))
     if not args.lr > 0:
         ap.error(f"--lr {args.lr}; must be > 0")
     nonnegative = ("micro_batch_tokens", "train_users")

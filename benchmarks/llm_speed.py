@@ -14,6 +14,8 @@ from agents.base import run_episodes
 from agents.evaluate import episode_options
 from agents.llm import LLMPolicy
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
+from deeprec_env.cli import device_option
+from deeprec_env.config import DTYPES
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.threads import thread_settings
 
@@ -55,8 +57,8 @@ def measure(policy: LLMPolicy, env_kwargs: dict, episodes: int, seed: int = 0) -
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", type=device_option, default="cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--episodes", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

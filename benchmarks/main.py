@@ -26,6 +26,8 @@ from agents.evaluate import METRICS, EvalArgs, compare, run
 from agents.llm import BUNDLED_ADAPTER
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 from benchmarks.report import ROOT
+from deeprec_env.cli import device_option
+from deeprec_env.config import DTYPES
 
 COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds",
            "beats trm-only (NDCG@10, paired 95% CI)"]  # fmt: skip
@@ -86,8 +88,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a hub id or a local path")
     ap.add_argument("--trained", default=str(BUNDLED_ADAPTER),
                     help="trained LLM: a checkpoint or adapter folder ('none': the zero-shot row only)")  # fmt: skip
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", type=device_option, default="cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--llm-batch-size", type=int, default=32, help="LLM episodes generated in lock step")
     ap.add_argument("--sb3-model", default=None, help="saved PPO model (default: train one briefly)")

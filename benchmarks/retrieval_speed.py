@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from benchmarks.common import markdown_table, publish
+from deeprec_env.cli import device_option
 from deeprec_env.index import IndexConfig, ItemIndex
 from deeprec_env.retrieval import Retriever
 from deeprec_env.threads import thread_settings
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
     ap.add_argument("--hnsw", action="store_true", help="also build HNSW on the large catalogue (slow build)")
     ap.add_argument("--ivf-nprobe", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_option, default="cpu")
     ap.add_argument("--encoder", default="minilm", help="text encoder: 'minilm' (embedded), a path or a hub id")
     ap.add_argument("--backends", default="torch,onnx", help="encoder backends, comma-separated (onnx needs [fast])")
     ap.add_argument("--smoke", action="store_true")

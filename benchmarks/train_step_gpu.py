@@ -30,6 +30,8 @@ import torch
 
 from agents.llm import check_checkpointing
 from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
+from deeprec_env.cli import require_device
+from deeprec_env.config import DTYPES
 
 SHAPES = {
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -147,7 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default="135m,1.7b,7b")
     ap.add_argument("--modes", default="full,lora", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     ap.add_argument("--users", type=int, default=8, help="users per step")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=8)
@@ -174,6 +176,7 @@ def main(argv=None) -> None:
         env_kwargs = smoke_env_kwargs(args.encoder)
         args.shapes, args.device, args.dtype, args.users, args.group_size, args.max_new_tokens = (
             "tiny", "cpu", "float32", 2, 2, 8)  # fmt: skip
+    require_device(ap, args.device)  # before any model is built (--smoke runs on the CPU whatever it says)
     if args.tokenizer == "smollm2":
         from agents.llm import smollm2_folder
 

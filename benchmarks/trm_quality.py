@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 from benchmarks.probes import PROBE_COLUMNS, probe_table
+from deeprec_env.cli import device_option
 from deeprec_env.data import load_dataset, synthetic
 from deeprec_env.metrics import full_ranks, rank_metrics
 from deeprec_env.trm import (
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     ap.add_argument("--metadata", default=None, help="item metadata file (amazon)")
     ap.add_argument("--encoder", default="minilm", help="text encoder: 'minilm' (embedded), a path or a hub id")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_option, default="cpu")
     ap.add_argument("--exclude-history", action="store_true", help="mask history items from the ranking")
     ap.add_argument("--save", default=None, help="also save the trained TRM checkpoint to this folder")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")

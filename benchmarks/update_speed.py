@@ -21,6 +21,8 @@ import time
 import torch
 
 from benchmarks.common import markdown_table, publish, smoke_env_kwargs
+from deeprec_env.cli import device_option
+from deeprec_env.config import DTYPES
 from deeprec_env.threads import thread_settings
 
 WAYS = {
@@ -103,8 +105,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--encoder", default="minilm", help="the environment's text encoder")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", type=device_option, default="cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (0: full fine-tuning)")
     ap.add_argument("--episodes", type=int, default=8, help="recorded episodes (ml-100k training users)")
     ap.add_argument(

@@ -39,6 +39,25 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str]
                 parser.add_argument(flag, type=args[0], default=f.default)
 
 
+def device_option(text: str) -> str:
+    """``type`` of a ``--device`` option: the name of a torch device this machine has, else a usage error."""
+    from deeprec_env.config import torch_device
+
+    try:
+        torch_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def require_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """End the program through ``parser.error`` unless this machine has ``--device`` (checked after parsing)."""
+    try:
+        device_option(device)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument --device: {e}")
+
+
 def _tuple_of(elem):
     def parse(text: str) -> tuple:
         try:

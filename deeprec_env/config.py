@@ -27,6 +27,7 @@ Device = Annotated[str, _DeviceName("torch device")]
 """A settings field naming a torch device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ..."""
 Dtype = Literal["float32", "bfloat16", "float16"]
 """A settings field naming a model's floating-point dtype."""
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
 
 
 def check_device(device, where: str = "device") -> None:
