@@ -16,15 +16,19 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from agents.base import EpisodeRecord, Policy, run_episodes
+from agents.baselines import BASELINES
 from deeprec_env.config import Device, Dtype, check_fields
 from deeprec_env.env import DeepRecEnv, EnvConfig, Resources, episode_split, get_resources
 from deeprec_env.trm import weights_digest, weights_line
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+KNOWN_AGENTS = (*BASELINES, "llm", "sb3-ppo")
+"""Every agent name :func:`make_policy` builds."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,9 @@ class EvalArgs:
     """Dataset name (see deeprec_env.data.load_dataset)."""
     dataset_path: str | None = None
     """File or folder for datasets other than ml-100k."""
-    split: str = "test"
+    split: Literal["train", "valid", "test"] = "test"
     """train, valid or test."""
-    user_group: str = "eval"
+    user_group: Literal["all", "rl", "eval"] = "eval"
     """all, rl or eval: whose examples (``eval`` by default: users the bundled trainers never train on)."""
     users: int | None = None
     """Episodes per scripted agent (None: every user of the split)."""
@@ -65,6 +69,23 @@ class EvalArgs:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.users is not None and self.users < 1:
+            raise ValueError(f"users={self.users}; must be >= 1 (None: every user of the split)")
+        for name in ("llm_users", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        names = agent_names(self.agents)
+        unknown = [n for n in names if n not in KNOWN_AGENTS]
+        if not names or unknown:
+            raise ValueError(f"agents={self.agents!r}: {'unknown ' + repr(unknown) if unknown else 'no agent'}; known: "
+                             f"{', '.join(KNOWN_AGENTS)}")  # fmt: skip
+        if "sb3-ppo" in names and not self.sb3_model:
+            raise ValueError("agent sb3-ppo needs sb3_model (--sb3-model <path of a saved PPO model>)")
+
+
+def agent_names(agents: str) -> list[str]:
+    """The names of a comma-separated agent list (blanks dropped)."""
+    return [a.strip() for a in agents.split(",") if a.strip()]
 
 
 def episode_options(n_examples: int, users: int | None, seed: int) -> list[dict]:
@@ -121,8 +142,6 @@ def summarize(records: list[EpisodeRecord]) -> dict:
 
 def make_policy(name: str, args: EvalArgs) -> Policy:
     """Build an agent by name."""
-    from agents.baselines import BASELINES
-
     if name in BASELINES:
         cls = BASELINES[name]
         return cls(seed=args.seed) if name == "random" else cls()
@@ -136,7 +155,7 @@ def make_policy(name: str, args: EvalArgs) -> Policy:
         if not args.sb3_model:
             raise ValueError("agent sb3-ppo needs --sb3-model <path of a saved PPO model>")
         return SB3Policy(args.sb3_model)
-    raise ValueError(f"unknown agent {name!r}; known: {[*BASELINES, 'llm', 'sb3-ppo']}")
+    raise ValueError(f"unknown agent {name!r}; known: {', '.join(KNOWN_AGENTS)}")
 
 
 def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -> dict:
@@ -152,7 +171,7 @@ def run(args: EvalArgs, env_kwargs: dict | None = None, progress: bool = True) -
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for name in [a.strip() for a in args.agents.split(",") if a.strip()]:
+    for name in agent_names(args.agents):
         policy = make_policy(name, args)
         users = args.llm_users if name == "llm" else args.users
         options = episode_options(n_examples, users, args.seed)

@@ -107,13 +107,24 @@ def main(argv=None) -> None:
     if trained and not Path(trained).exists():
         ap.error(f"--trained {trained}: no such folder (run python -m benchmarks.curriculum_cpu, or pass 'none')")
     t0 = time.perf_counter()
+    sb3_model = args.sb3_model or str(Path(args.runs) / "sb3-ppo.zip")  # given, or trained below
+    agents = ["random", "popularity", "trm-only", "history-top-category", "history-facet", "trm-only-unseen",
+              "history-top-category-unseen", "history-describer", "oracle-preference", "sb3-ppo"]  # fmt: skip
+    try:  # settings the evaluation refuses, before PPO trains
+        base = EvalArgs(
+            agents=",".join(agents), dataset=args.dataset, dataset_path=args.dataset_path, split=args.split,
+            users=args.users, llm_users=args.llm_users, batch_size=args.batch_size, model=args.model,
+            device=args.device, dtype=args.dtype, sb3_model=sb3_model, seed=args.seed, out=args.runs,
+        )  # fmt: skip
+    except ValueError as e:  # named as EvalArgs' fields: users, llm_users, batch_size, split, device, ...
+        ap.error(str(e))
+    if args.llm_batch_size < 1:
+        ap.error(f"--llm-batch-size {args.llm_batch_size}; must be >= 1")
 
-    sb3_model = args.sb3_model
     sb3_note = f"loaded from {sb3_model}"
-    if sb3_model is None:
+    if args.sb3_model is None:
         from agents.sb3 import PPOArgs, learning_curve, train_ppo
 
-        sb3_model = str(Path(args.runs) / "sb3-ppo.zip")
         Path(args.runs).mkdir(parents=True, exist_ok=True)
         ppo = PPOArgs(timesteps=args.sb3_timesteps, dataset=args.dataset, seed=args.seed, out=sb3_model)
         print(f"training PPO on DeepRecNumeric-v0 (RL users) for {ppo.timesteps} steps ...", flush=True)
@@ -123,13 +134,6 @@ def main(argv=None) -> None:
                     f"seed {ppo.seed}; mean training return over five equal parts of its "
                     f"{len(ppo_model.episode_returns)} episodes: {curve}")  # fmt: skip
 
-    agents = ["random", "popularity", "trm-only", "history-top-category", "history-facet", "trm-only-unseen",
-              "history-top-category-unseen", "history-describer", "oracle-preference", "sb3-ppo"]  # fmt: skip
-    base = EvalArgs(
-        agents=",".join(agents), dataset=args.dataset, dataset_path=args.dataset_path, split=args.split,
-        users=args.users, llm_users=args.llm_users, batch_size=args.batch_size, model=args.model,
-        device=args.device, dtype=args.dtype, sb3_model=sb3_model, seed=args.seed, out=args.runs,
-    )  # fmt: skip
     result = run(base, env_kwargs={"prompt": "chat"})
     summaries = result["summaries"]
     episode, max_new_tokens = llm_settings(trained)

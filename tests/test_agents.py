@@ -5,7 +5,7 @@ import pytest
 
 from agents.base import Policy, run_episodes
 from agents.baselines import BASELINES, HistoryFacetPolicy
-from agents.evaluate import EvalArgs, episode_options, evaluate_agent, run, summarize
+from agents.evaluate import EvalArgs, episode_options, evaluate_agent, make_policy, run, summarize
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.metrics import ndcg_at_k, recall_at_k
 from deeprec_env.trm import evaluate_ranks
@@ -159,8 +159,28 @@ def test_evaluate_run_writes_files(env_kwargs, resources, tmp_path):
     from deeprec_env.trm import weights_digest
 
     assert protocol["trm"].startswith(f"weights {weights_digest(resources.retriever.trm)} ")  # which TRM it was
-    with pytest.raises(ValueError, match="unknown agent"):
-        run(EvalArgs(agents="nope", dataset="synthetic", out=str(tmp_path)), env_kwargs=env_kwargs, progress=False)
+    with pytest.raises(ValueError, match="unknown agent 'nope'"):
+        make_policy("nope", args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"agents": "nope,trm-only"}, r"agents='nope,trm-only': unknown \['nope'\]; known: random, "),
+        ({"agents": " , "}, "no agent"),
+        ({"agents": "sb3-ppo"}, "agent sb3-ppo needs sb3_model"),
+        ({"users": 0}, r"users=0; must be >= 1 \(None: every user"),  # not "every user", as 0 read before
+        ({"llm_users": 0}, "llm_users=0"),
+        ({"batch_size": 0}, "batch_size=0"),  # was range()'s "arg 3 must not be zero" inside the run
+        ({"max_new_tokens": 0}, "max_new_tokens=0"),
+        ({"split": "Test"}, "EvalArgs.split='Test'"),
+        ({"user_group": "train"}, "EvalArgs.user_group='train'"),
+        ({"llm_users": 2.5}, "EvalArgs.llm_users=2.5"),
+    ],
+)
+def test_eval_args_refuse_bad_settings_at_construction(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        EvalArgs(**kwargs)
 
 
 def test_sb3_ppo_trains_saves_and_evaluates(env_kwargs, resources, tmp_path, options):
