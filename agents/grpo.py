@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from agents.llm import adapter_base, check_checkpointing, reference_model
+from agents.llm import adapter_base, check_checkpointing, check_optimiser, reference_model
 from agents.rollout import (
     EpisodeSettings,
     Rollout,
@@ -158,6 +158,12 @@ class GRPOArgs(EpisodeSettings):
                              f"model (got lora_r=0, model={self.model!r})")  # fmt: skip
         if self.train_users < 0:
             raise ValueError(f"train_users={self.train_users}; must be >= 0 (0: every training user)")
+        if self.val_users < 0 or self.eval_every < 1 or self.difficulty_top < 1:
+            raise ValueError(f"val_users={self.val_users}, eval_every={self.eval_every}, difficulty_top="
+                             f"{self.difficulty_top}; need val_users >= 0 (0: none), eval_every >= 1, "
+                             "difficulty_top >= 1")  # fmt: skip
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef={self.kl_coef}; must be >= 0 (0: no KL penalty)")
         if self.micro_batch_tokens < 0:
             raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens}; must be >= 0 (0: no bound)")
         if self.whiten not in ("divide", "multiply", "none"):
@@ -175,6 +181,7 @@ class GRPOArgs(EpisodeSettings):
             )
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high}; need 0 <= low < 1, high >= 0")
+        check_optimiser(self)
         check_checkpointing(self)
 
 

@@ -159,6 +159,24 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def check_optimiser(args) -> None:
+    """Refuse optimiser and adapter settings that would train nothing or the wrong way (a trainer's settings).
+
+    ``lr`` and ``grad_clip`` > 0 (a zero clip zeroes every gradient), Adam's ``betas`` in [0, 1), ``lora_r`` >= 0
+    (0: full fine-tuning), ``prompt_history`` and ``retrieval_k`` >= 1.
+    """
+    for name in ("lr", "grad_clip"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{name}={getattr(args, name)}; must be > 0")
+    if not all(0 <= b < 1 for b in args.betas):
+        raise ValueError(f"betas={args.betas}; each must be in [0, 1)")
+    if args.lora_r < 0:
+        raise ValueError(f"lora_r={args.lora_r}; must be >= 0 (0: full fine-tuning)")
+    for name in ("prompt_history", "retrieval_k"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}={getattr(args, name)}; must be >= 1")
+
+
 def check_checkpointing(args) -> None:
     """Refuse ``gradient_checkpointing`` with ``share_prefix`` (a settings dataclass of the trainers)."""
     if args.gradient_checkpointing and args.share_prefix:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from agents.base import Policy, play_episodes
-from agents.llm import Trajectory, check_checkpointing, prompt_text
+from agents.llm import Trajectory, check_checkpointing, check_optimiser, prompt_text
 from agents.rollout import EpisodeSettings, pad_batch, token_logprobs
 from deeprec_env.config import Device, Dtype, check_fields
 
@@ -80,11 +80,10 @@ class SFTArgs(EpisodeSettings):
         for name in ("episodes", "epochs", "batch", "micro_batch", "prompt_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr}; must be > 0")
         for name in ("teacher_hint_share", "teacher_unseen_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:  # nan fails too
                 raise ValueError(f"{name}={getattr(self, name)}; must be in [0, 1]")
+        check_optimiser(self)
         check_checkpointing(self)
 
 

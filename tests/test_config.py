@@ -195,3 +195,42 @@ def test_deeprec_command_refuses_a_gpu_this_machine_lacks(monkeypatch, capsys):
     _no_cuda(monkeypatch)
     assert cli.main(["trm-train", "--dataset", "synthetic", "--out", "x", "--device", "cuda:0"]) == 2
     assert "--device='cuda:0', but torch" in capsys.readouterr().err
+
+
+TRAINER_REFUSALS = [
+    ({"lr": 0.0}, "lr=0.0; must be > 0"),
+    ({"lr": -1e-5}, "lr=-1e-05; must be > 0"),
+    ({"grad_clip": 0.0}, "grad_clip=0.0; must be > 0"),  # clip_grad_norm_ to 0 zeroes every gradient
+    ({"betas": (1.0, 0.95)}, r"betas=\(1.0, 0.95\); each must be in \[0, 1\)"),
+    ({"lora_r": -1}, "lora_r=-1; must be >= 0"),  # read as full fine-tuning before
+    ({"prompt_history": 0}, "prompt_history=0; must be >= 1"),
+    ({"retrieval_k": 0}, "retrieval_k=0; must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), TRAINER_REFUSALS)
+def test_trainer_settings_refuse_what_would_train_nothing(kwargs, message):
+    from agents.grpo import GRPOArgs
+    from agents.sft import SFTArgs
+
+    for cls in (GRPOArgs, SFTArgs):
+        with pytest.raises(ValueError, match=message):
+            cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kl_coef": -0.1}, "kl_coef=-0.1; must be >= 0"),  # a negative KL coefficient rewards drifting away
+        ({"val_users": -1}, "val_users=-1"),
+        ({"eval_every": 0}, "eval_every=0"),
+        ({"difficulty_top": 0}, "difficulty_top=0"),
+    ],
+)
+def test_rl_settings_refuse_out_of_range(kwargs, message):
+    from agents.grpo import PAPER_SCALE, GRPOArgs
+
+    with pytest.raises(ValueError, match=message):
+        GRPOArgs(**kwargs)
+    for stage in PAPER_SCALE.values():  # the presets stay valid
+        GRPOArgs(**stage)
