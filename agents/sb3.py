@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from agents.base import Policy
-from deeprec_env.config import torch_device
+from deeprec_env.config import check_fields, torch_device
 
 
 def _require_sb3():
@@ -35,9 +36,9 @@ class PPOArgs:
     """Environment steps to train for."""
     n_facets: int = 16
     """Facets offered as actions."""
-    split: str = "test"
+    split: Literal["train", "valid", "test"] = "test"
     """Split the agent trains on (with ``user_group``: the RL group's test targets, as the LLM trainers)."""
-    user_group: str = "rl"
+    user_group: Literal["all", "rl", "eval"] = "rl"
     """User group the agent trains on (evaluate it on ``eval``: users it never saw)."""
     dataset: str = "ml-100k"
     """Dataset name."""
@@ -53,6 +54,14 @@ class PPOArgs:
     """Torch device of the PPO networks (or stable-baselines3's ``"auto"``: a GPU if there is one)."""
     out: str = "runs/sb3-ppo.zip"
     """Where the trained model is saved."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name, low in (("timesteps", 1), ("n_facets", 1), ("n_steps", 2), ("batch_size", 2)):  # SB3 needs 2
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)}; must be >= {low}")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}; must be > 0")
 
 
 def train_ppo(args: PPOArgs, env_kwargs: dict | None = None):

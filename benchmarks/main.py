@@ -118,8 +118,9 @@ def main(argv=None) -> None:
         )  # fmt: skip
     except ValueError as e:  # named as EvalArgs' fields: users, llm_users, batch_size, split, device, ...
         ap.error(str(e))
-    if args.llm_batch_size < 1:
-        ap.error(f"--llm-batch-size {args.llm_batch_size}; must be >= 1")
+    for flag in ("llm_batch_size", "sb3_timesteps"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
 
     sb3_note = f"loaded from {sb3_model}"
     if args.sb3_model is None:

@@ -234,3 +234,22 @@ def test_rl_settings_refuse_out_of_range(kwargs, message):
         GRPOArgs(**kwargs)
     for stage in PAPER_SCALE.values():  # the presets stay valid
         GRPOArgs(**stage)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"timesteps": 0}, "timesteps=0"),  # saved an untrained model before
+        ({"n_facets": 0}, "n_facets=0"),
+        ({"n_steps": 1}, "n_steps=1; must be >= 2"),  # stable-baselines3's own assertion, late
+        ({"batch_size": 1}, "batch_size=1; must be >= 2"),
+        ({"lr": 0.0}, "lr=0.0"),
+        ({"split": "Test"}, "PPOArgs.split='Test'"),
+        ({"timesteps": 1.5}, "PPOArgs.timesteps=1.5"),
+    ],
+)
+def test_ppo_settings_refuse_out_of_range(kwargs, message):
+    from agents.sb3 import PPOArgs
+
+    with pytest.raises((ValueError, TypeError), match=message):
+        PPOArgs(**kwargs)
