@@ -27,7 +27,6 @@ from deeprec_env.config import DTYPES
 
 DEFAULT_MODEL = "smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = DTYPES
 
 
 def _require(module: str) -> None:
@@ -74,8 +73,8 @@ def load_causal_lm(model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: st
     """
     from deeprec_env.config import torch_device
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}; must be one of {_DTYPES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; must be one of {DTYPES}")
     device = torch_device(device)
     local = Path(str(model)).expanduser()
     if not local.exists() and (local.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") > 1):

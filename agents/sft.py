@@ -77,7 +77,7 @@ class SFTArgs(EpisodeSettings):
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("episodes", "epochs", "batch", "micro_batch", "prompt_history"):
+        for name in ("episodes", "epochs", "batch", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         for name in ("teacher_hint_share", "teacher_unseen_share"):
