@@ -157,6 +157,8 @@ def _run(ns: argparse.Namespace) -> int:
         config = from_args(EnvConfig, ns)
         if ns.max_sessions < 1:
             raise ValueError(f"--max-sessions {ns.max_sessions}; must be >= 1")
+        if not 1 <= ns.port <= 65535:  # else uvicorn's bind() fails inside its event loop, a traceback
+            raise ValueError(f"--port {ns.port}; must be in 1..65535")
         kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EnvConfig) if hasattr(ns, f.name)}
         print(f"serving DeepRec ({config.dataset}, stage {config.stage}) on http://{ns.host}:{ns.port} (OpenEnv)")
         serve(ns.host, ns.port, ns.max_sessions, **kwargs)

@@ -59,6 +59,9 @@ def test_data_error_is_one_line(tmp_path, capsys):
 def test_serve_options_are_checked_before_serving(capsys):
     assert main(["serve", "--dataset", "synthetic", "--max-sessions", "0"]) == 2
     assert "--max-sessions 0; must be >= 1" in capsys.readouterr().err
+    for port in ("0", "65536"):
+        assert main(["serve", "--dataset", "synthetic", "--port", port]) == 2
+        assert f"--port {port}; must be in 1..65535" in capsys.readouterr().err
     assert main(["serve", "--dataset", "synthetic", "--max-calls", "0"]) == 2
     err = capsys.readouterr().err
     assert "max_calls" in err and "Traceback" not in err
