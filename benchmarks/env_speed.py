@@ -26,6 +26,7 @@ import numpy as np
 
 import deeprec_env  # noqa: F401
 from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
+from deeprec_env.cli import positive_int
 from deeprec_env.env import DeepRecEnv, RetrievalRequest
 from deeprec_env.protocol import answer_text, call_text
 from deeprec_env.threads import thread_settings
@@ -173,10 +174,10 @@ def http_comparison(env: DeepRecEnv, kwargs: dict, episodes: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-envs", type=int, default=16)
-    ap.add_argument("--episodes", type=int, default=1024)
-    ap.add_argument("--tokens", type=int, default=16_000, help="transcript length for the own-work test")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--num-envs", type=positive_int, default=16)
+    ap.add_argument("--episodes", type=positive_int, default=1024)
+    ap.add_argument("--tokens", type=positive_int, default=16_000, help="transcript length for the own-work test")
+    ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--out", default=None)

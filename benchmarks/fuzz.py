@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import deeprec_env  # noqa: F401
 from benchmarks.common import markdown_table, publish, smoke_env_kwargs
+from deeprec_env.cli import positive_int
 from deeprec_env.testing import fuzz_run
 
 COLUMNS = ["mode", "actions", "episodes", "invalid", "crashes", "hangs", "non-finite rewards",
@@ -28,7 +29,7 @@ COLUMNS = ["mode", "actions", "episodes", "invalid", "crashes", "hangs", "non-fi
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--actions", type=int, default=10_000, help="actions per mode")
+    ap.add_argument("--actions", type=positive_int, default=10_000, help="actions per mode")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hang-s", type=float, default=10.0, help="a step slower than this counts as a hang")
     ap.add_argument("--smoke", action="store_true")

@@ -14,7 +14,7 @@ from agents.base import run_episodes
 from agents.evaluate import episode_options
 from agents.llm import LLMPolicy
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
-from deeprec_env.cli import device_option
+from deeprec_env.cli import device_option, positive_int
 from deeprec_env.config import DTYPES
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.threads import thread_settings
@@ -59,8 +59,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", type=device_option, default="cpu")
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
-    ap.add_argument("--episodes", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--episodes", type=positive_int, default=8)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -26,7 +26,7 @@ from agents.evaluate import METRICS, EvalArgs, compare, run
 from agents.llm import BUNDLED_ADAPTER
 from benchmarks.common import environment, markdown_table, protocol_text, write_results
 from benchmarks.report import ROOT
-from deeprec_env.cli import device_option
+from deeprec_env.cli import device_option, positive_int
 from deeprec_env.config import DTYPES
 
 COLUMNS = ["agent", "episodes", *METRICS, "calls", "format_fail", "hallucinated", "seen", "seconds",
@@ -91,9 +91,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", type=device_option, default="cpu")
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--llm-batch-size", type=int, default=32, help="LLM episodes generated in lock step")
+    ap.add_argument("--llm-batch-size", type=positive_int, default=32, help="LLM episodes generated in lock step")
     ap.add_argument("--sb3-model", default=None, help="saved PPO model (default: train one briefly)")
-    ap.add_argument("--sb3-timesteps", type=int, default=30000)
+    ap.add_argument("--sb3-timesteps", type=positive_int, default=30000)
     ap.add_argument("--no-llm", action="store_true", help="skip the LLM agents")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -118,9 +118,6 @@ def main(argv=None) -> None:
         )  # fmt: skip
     except ValueError as e:  # named as EvalArgs' fields: users, llm_users, batch_size, split, device, ...
         ap.error(str(e))
-    for flag in ("llm_batch_size", "sb3_timesteps"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}; must be >= 1")
 
     sb3_note = f"loaded from {sb3_model}"
     if args.sb3_model is None:

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
+from deeprec_env.cli import positive_int
 from deeprec_env.env import DeepRecEnv
 from deeprec_env.preferences import top_history_categories
 from deeprec_env.protocol import answer_text, call_text
@@ -110,8 +111,8 @@ def in_process(kwargs: dict, episodes: list[dict]) -> tuple[int, list[float]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sessions", type=int, default=16)
-    ap.add_argument("--episodes", type=int, default=50, help="episodes per session")
+    ap.add_argument("--sessions", type=positive_int, default=16)
+    ap.add_argument("--episodes", type=positive_int, default=50, help="episodes per session")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from benchmarks.common import markdown_table, publish
-from deeprec_env.cli import device_option
+from deeprec_env.cli import device_option, positive_int
 from deeprec_env.index import IndexConfig, ItemIndex
 from deeprec_env.retrieval import Retriever
 from deeprec_env.threads import thread_settings
@@ -110,11 +110,11 @@ def overlap(a: Retriever, b: Retriever, histories, prefs: list[str], k: int = 20
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-items", type=int, default=1_000_000, help="size of the synthetic large catalogue")
-    ap.add_argument("--single", type=int, default=200, help="batch-1 calls timed")
-    ap.add_argument("--batches", type=int, default=10, help="batch-64 calls timed")
+    ap.add_argument("--n-items", type=positive_int, default=1_000_000, help="size of the synthetic large catalogue")
+    ap.add_argument("--single", type=positive_int, default=200, help="batch-1 calls timed")
+    ap.add_argument("--batches", type=positive_int, default=10, help="batch-64 calls timed")
     ap.add_argument("--hnsw", action="store_true", help="also build HNSW on the large catalogue (slow build)")
-    ap.add_argument("--ivf-nprobe", type=int, default=16)
+    ap.add_argument("--ivf-nprobe", type=positive_int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", type=device_option, default="cpu")
     ap.add_argument("--encoder", default="minilm", help="text encoder: 'minilm' (embedded), a path or a hub id")

@@ -30,7 +30,7 @@ import torch
 
 from agents.llm import check_checkpointing
 from benchmarks.common import environment, markdown_table, protocol_text, smoke_env_kwargs, write_results
-from deeprec_env.cli import require_device
+from deeprec_env.cli import positive_int, require_device
 from deeprec_env.config import DTYPES
 
 SHAPES = {
@@ -150,10 +150,10 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default="full,lora", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    ap.add_argument("--users", type=int, default=8, help="users per step")
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--users", type=positive_int, default=8, help="users per step")
+    ap.add_argument("--group-size", type=positive_int, default=8)
+    ap.add_argument("--micro-batch", type=positive_int, default=8)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=128)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--share-prefix", action="store_true", help="the update runs the shared prompt prefix once")
     ap.add_argument("--tokenizer", default="smollm2", help="'smollm2' (embedded) or a folder of tokenizer files")

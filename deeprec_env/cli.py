@@ -50,6 +50,17 @@ def device_option(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """``type`` of a count option (episodes, sessions, ...): an int >= 1, else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}; must be >= 1")
+    return value
+
+
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:
     """End the program through ``parser.error`` unless this machine has ``--device`` (checked after parsing)."""
     try:

@@ -676,3 +676,25 @@ def test_rl_headroom_train_users_draws_from_the_fixed_set(tmp_path, tiny_lm_path
     assert users("--users", "3", "--seed", "1") != users("--users", "3", "--seed", "2")  # all of them: other draws
     with pytest.raises(SystemExit, match="2 training users to draw from"):
         rl_headroom.main([*base, "--users", "3", "--train-users", "2"])
+
+
+@pytest.mark.parametrize(
+    ("module", "flag"),
+    [
+        ("llm_speed", "--episodes"),
+        ("env_speed", "--repeats"),
+        ("fuzz", "--actions"),  # 0 actions wrote a table of 0 crashes
+        ("openenv_load", "--sessions"),
+        ("retrieval_speed", "--batches"),
+        ("train_step_gpu", "--micro-batch"),
+        ("main", "--sb3-timesteps"),
+    ],
+)
+def test_benchmark_counts_must_be_positive(module, flag, capsys):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    for bad, said in (("0", "0; must be >= 1"), ("-3", "-3; must be >= 1"), ("2.5", "'2.5' is not an integer")):
+        with pytest.raises(SystemExit) as e:  # while parsing: before any work
+            main([flag, bad])
+        assert e.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err
