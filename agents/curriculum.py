@@ -61,11 +61,11 @@ def run_curriculum(base: GRPOArgs, coldstart_steps: int, rec_steps: int, env_kwa
 
 def main(argv=None) -> None:
     """CLI: every :class:`~agents.grpo.GRPOArgs` field plus the two stage lengths."""
-    from deeprec_env.cli import add_dataclass_args, from_args
+    from deeprec_env.cli import add_dataclass_args, from_args, int_at_least, positive_int
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--coldstart-steps", type=int, default=10)
-    ap.add_argument("--rec-steps", type=int, default=10)
+    ap.add_argument("--coldstart-steps", type=int_at_least(0), default=10, help="stage 1's steps (0: skip it)")
+    ap.add_argument("--rec-steps", type=positive_int, default=10, help="stage 2's steps")
     ap.add_argument("--warm-start", default="none",
                     help="'none' (the paper: RL from the base model) or a scripted teacher for a short SFT "
                          "first (e.g. history-facet; see agents.sft)")  # fmt: skip

@@ -83,6 +83,7 @@ class SFTArgs(EpisodeSettings):
         for name in ("teacher_hint_share", "teacher_unseen_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:  # nan fails too
                 raise ValueError(f"{name}={getattr(self, name)}; must be in [0, 1]")
+        check_teacher(self.teacher)
         check_optimiser(self)
         check_checkpointing(self)
 
@@ -131,8 +132,20 @@ class TranscriptRecorder(Policy):
         return int(sum(state["traj"].policy_mask))
 
 
+def check_teacher(name: str) -> None:
+    """A ValueError unless ``name`` is a scripted agent a policy may learn from (:attr:`SFTArgs.teacher`)."""
+    from agents.baselines import BASELINES, HintMixPolicy, UnseenMixPolicy
+
+    teachers = {**BASELINES, HintMixPolicy.name: HintMixPolicy, UnseenMixPolicy.name: UnseenMixPolicy}
+    if name not in teachers:
+        allowed = sorted(n for n, cls in teachers.items() if not cls.privileged)
+        raise ValueError(f"teacher={name!r}; must be one of {allowed}")
+    if teachers[name].privileged:
+        raise ValueError(f"teacher={name!r} reads the target: a policy must not learn from it")
+
+
 def make_teacher(args: SFTArgs) -> Policy:
-    """The scripted agent named by ``args.teacher``."""
+    """The scripted agent named by ``args.teacher`` (checked when ``args`` was built)."""
     from agents.baselines import BASELINES, HintMixPolicy, HistoryFacetPolicy, UnseenMixPolicy
 
     if args.teacher == "history-facet":
@@ -141,11 +154,6 @@ def make_teacher(args: SFTArgs) -> Policy:
         return HintMixPolicy(share=args.teacher_hint_share, seed=args.seed)
     if args.teacher == UnseenMixPolicy.name:
         return UnseenMixPolicy(share=args.teacher_unseen_share, seed=args.seed)
-    if args.teacher not in BASELINES:
-        names = sorted([*BASELINES, HintMixPolicy.name, UnseenMixPolicy.name])
-        raise ValueError(f"teacher={args.teacher!r}; must be one of {names}")
-    if BASELINES[args.teacher].privileged:
-        raise ValueError(f"teacher={args.teacher!r} reads the target: a policy must not learn from it")
     return BASELINES[args.teacher]()
 
 

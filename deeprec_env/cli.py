@@ -50,15 +50,23 @@ def device_option(text: str) -> str:
     return text
 
 
-def positive_int(text: str) -> int:
-    """``type`` of a count option (episodes, sessions, ...): an int >= 1, else a usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}; must be >= 1")
-    return value
+def int_at_least(low: int):
+    """``type`` of an integer option with a lower bound (``int_at_least(0)``: a step count that may be 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}; must be >= {low}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+"""``type`` of a count option (episodes, sessions, ...): an int >= 1, else a usage error."""
 
 
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:

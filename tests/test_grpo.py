@@ -368,6 +368,12 @@ def test_grpo_module_has_a_cli(capsys):
         ("agents.sft", ["--episodes", "0"], "episodes=0; must be >= 1"),
         ("agents.curriculum", ["--group-size", "0"], "group_size=0; must be >= 1"),
         ("agents.curriculum", ["--warm-start", "history-facet", "--warm-start-epochs", "0"], "warm start: epochs=0"),
+        ("agents.curriculum", ["--coldstart-steps", "-1"], "argument --coldstart-steps: -1; must be >= 0"),
+        ("agents.curriculum", ["--rec-steps", "0"], "argument --rec-steps: 0; must be >= 1"),  # was a traceback
+        ("agents.curriculum", ["--warm-start", "nosuch"], "warm start: teacher='nosuch'; must be one of"),
+        ("agents.curriculum", ["--warm-start", "oracle-preference"], "reads the target"),  # was raised mid-run
+        ("agents.sft", ["--teacher", "oracle-preference"], "reads the target"),
+        ("agents.grpo", ["--lr", "0"], "lr=0.0; must be > 0"),
     ],
 )
 def test_agent_clis_refuse_bad_settings_in_one_line(module, argv, message, capsys):
