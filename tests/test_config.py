@@ -147,7 +147,7 @@ def test_no_model_path_falls_back_to_the_cpu(monkeypatch, tmp_path, tiny_encoder
     from agents.grpo import GRPOArgs, train
     from agents.llm import load_causal_lm
     from deeprec_env.embed import TextEncoder
-    from deeprec_env.trm import TRMConfig, load_trm
+    from deeprec_env.trm import load_trm
 
     _no_cuda(monkeypatch)
     gpu = "no CUDA device"
